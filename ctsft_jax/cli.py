@@ -1,0 +1,40 @@
+"""What every binary does around its main: logging and user-error handling."""
+
+import functools
+import sys
+
+from absl import app
+from absl import logging
+import jax
+
+from ctsft_jax import errors
+
+USER_ERROR_EXIT = 2  # a bad flag, config value or input file
+
+
+def log_start(config) -> None:
+  """Logs the devices and the resolved config, as the first thing a run does."""
+  logging.info(
+      'JAX %s on %s: %d device(s) %s, %d process(es)',
+      jax.__version__,
+      jax.default_backend(),
+      jax.device_count(),
+      [d.device_kind for d in jax.local_devices()],
+      jax.process_count(),
+  )
+  logging.info('Config:\n%s', config)
+
+
+def run(main) -> None:
+  """`app.run(main)`, turning a UserError into one line and exit status 2."""
+
+  @functools.wraps(main)
+  def guarded(argv):
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      sys.stderr.write(f'error: {e}\n')
+      sys.stderr.flush()
+      sys.exit(USER_ERROR_EXIT)
+
+  app.run(guarded)

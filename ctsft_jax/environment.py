@@ -1,0 +1,45 @@
+"""A record of the software and hardware a result was produced with."""
+
+import importlib.metadata
+import os
+import platform
+
+import jax
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def describe() -> dict:
+  """Versions, backend, devices, XLA flags and PRNG: enough to reproduce."""
+  devices = jax.devices()
+  return dict(
+      python=platform.python_version(),
+      platform=platform.platform(),
+      packages={
+          p: _version(p)
+          for p in (
+              'jax',
+              'jaxlib',
+              'flax',
+              'optax',
+              'orbax-checkpoint',
+              'chex',
+              'numpy',
+              'ml-collections',
+              'absl-py',
+          )
+      },
+      backend=jax.default_backend(),
+      device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+      process_count=jax.process_count(),
+      device_kind=devices[0].device_kind,
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      prng_impl=str(jax.config.jax_default_prng_impl),
+      enable_x64=bool(jax.config.jax_enable_x64),
+  )

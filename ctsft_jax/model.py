@@ -1,0 +1,201 @@
+"""A decoder-only transformer LM whose Dense layers can carry low-rank updates.
+
+Every projection is a `Dense` that computes `x @ W + b`, and, when its module
+path matches one of the target patterns and `rank > 0`,
+`x @ W + b + s * (x @ A) @ B`. The frozen weights live in the `params`
+collection and the factors A, B in the separate `lowrank` collection, so the
+two can be handed to `apply` as independent pytrees:
+
+  logits = model.apply({'params': base, 'lowrank': factors}, tokens)
+
+With `rank == 0` the model has no `lowrank` collection at all; that is the
+`full` mode used for pretraining, where every parameter trains.
+"""
+
+import fnmatch
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+LOWRANK = 'lowrank'
+# Default targets: every attention projection, both MLP projections and the
+# LM head. Patterns are matched against '/'-joined module paths such as
+# 'block_0/attn/q'.
+DEFAULT_TARGETS = (
+    '*/attn/q',
+    '*/attn/k',
+    '*/attn/v',
+    '*/attn/o',
+    '*/mlp/up',
+    '*/mlp/down',
+    'head',
+)
+
+
+def scaling(rule: str, alpha: float, rank: int) -> float:
+  """The multiplier s(K) of the low-rank product.
+
+  `standard` is alpha / K (Hu et al., 2021, LoRA); `rslora` is alpha / sqrt(K)
+  (Kalajdzievski, 2023, rank-stabilized LoRA); `none` is 1.
+  """
+  if rule == 'standard':
+    return alpha / rank
+  if rule == 'rslora':
+    return alpha / rank**0.5
+  if rule == 'none':
+    return 1.0
+  raise ValueError(
+      f'lowrank.scaling={rule!r} is not one of standard, rslora, none'
+  )
+
+
+def matches(path: str, patterns: Sequence[str]) -> bool:
+  return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+class Dense(nn.Module):
+  """A Dense layer with an optional low-rank factorized update.
+
+  Attributes:
+    features: output width d_out.
+    rank: width K of the factors; 0 disables them.
+    scale: the multiplier s(K) of the product.
+    targets: module-path patterns that receive factors.
+    dtype: computation dtype (parameters stay float32).
+  """
+
+  features: int
+  rank: int = 0
+  scale: float = 1.0
+  targets: Sequence[str] = DEFAULT_TARGETS
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_in = x.shape[-1]
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (d_in, self.features)
+    )
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+    if self.rank > 0 and matches('/'.join(self.scope.path), self.targets):
+      # Placeholders: real values come from lowrank.init_factors, which owns
+      # the initialisation (random A, zero B) and its PRNG keys.
+      a = self.variable(
+          LOWRANK, 'a', jnp.zeros, (d_in, self.rank), jnp.float32
+      ).value
+      b = self.variable(
+          LOWRANK, 'b', jnp.zeros, (self.rank, self.features), jnp.float32
+      ).value
+      y = y + self.scale * ((x @ a.astype(self.dtype)) @ b.astype(self.dtype))
+    return y
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with q, k, v, o projections."""
+
+  config: ml_collections.ConfigDict
+  dense: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    head_dim = cfg.d_model // cfg.n_heads
+    shape = x.shape[:-1] + (cfg.n_heads, head_dim)
+    q = Dense(cfg.d_model, name='q', **self.dense)(x).reshape(shape)
+    k = Dense(cfg.d_model, name='k', **self.dense)(x).reshape(shape)
+    v = Dense(cfg.d_model, name='v', **self.dense)(x).reshape(shape)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = out.reshape(x.shape[:-1] + (cfg.d_model,))
+    return Dense(cfg.d_model, name='o', **self.dense)(out)
+
+
+class Mlp(nn.Module):
+  config: ml_collections.ConfigDict
+  dense: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(self.config.d_mlp, name='up', **self.dense)(x)
+    return Dense(self.config.d_model, name='down', **self.dense)(nn.gelu(h))
+
+
+class Block(nn.Module):
+  config: ml_collections.ConfigDict
+  dense: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + Attention(self.config, self.dense, name='attn')(
+        nn.RMSNorm(name='norm_attn')(x)
+    )
+    return x + Mlp(self.config, self.dense, name='mlp')(
+        nn.RMSNorm(name='norm_mlp')(x)
+    )
+
+
+class Transformer(nn.Module):
+  """Pre-norm decoder-only LM: token + position embedding, blocks, head.
+
+  Attributes:
+    config: the `model` section of the experiment config (vocab_size, d_model,
+      n_heads, n_layers, d_mlp, max_len, dtype).
+    rank: low-rank width K for the targeted Dense layers; 0 for none.
+    scale: s(K), the multiplier of every low-rank product.
+    targets: module-path patterns that receive factors.
+  """
+
+  config: ml_collections.ConfigDict
+  rank: int = 0
+  scale: float = 1.0
+  targets: Sequence[str] = DEFAULT_TARGETS
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Maps int tokens [..., T] to float32 logits [..., T, vocab_size]."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    dense = dict(
+        rank=self.rank,
+        scale=self.scale,
+        targets=tuple(self.targets),
+        dtype=dtype,
+    )
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed')
+    pos = self.param(
+        'pos_embed',
+        nn.initializers.normal(0.02),
+        (cfg.max_len, cfg.d_model),
+    )
+    x = embed(tokens) + pos[: tokens.shape[-1]]
+    x = x.astype(dtype)
+    for i in range(cfg.n_layers):
+      x = Block(cfg, dense, name=f'block_{i}')(x)
+    x = nn.RMSNorm(name='norm_out')(x)
+    logits = Dense(cfg.vocab_size, name='head', **dense)(x)
+    return logits.astype(jnp.float32)
+
+
+def build(
+    model_config: ml_collections.ConfigDict,
+    rank: int = 0,
+    *,
+    scaling_rule: str = 'standard',
+    alpha: float = 1.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+) -> Transformer:
+  """Builds the model; `rank == 0` gives the plain (full-training) model."""
+  scale = scaling(scaling_rule, alpha, rank) if rank > 0 else 1.0
+  return Transformer(
+      model_config, rank=rank, scale=scale, targets=tuple(targets)
+  )
+
+
+def init_base(model_config: ml_collections.ConfigDict, key: jax.Array):
+  """Random frozen base parameters (the `params` collection)."""
+  tokens = jnp.zeros((1, model_config.max_len), jnp.int32)
+  return build(model_config).init(key, tokens)['params']

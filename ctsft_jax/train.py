@@ -1,0 +1,342 @@
+"""The compiled trainer: one program per K, vmapped over lanes, scanned over steps.
+
+A *lane* is one independent training run inside the program: a seed (and, with
+a learning-rate grid, one learning rate). All lanes of a K share the compiled
+program and the frozen base; each has its own factors, optimizer state, data
+stream and status. The host drives the program in chunks of `chunk_steps`
+steps so that it can report progress, evaluate and checkpoint in between.
+
+Randomness never depends on how the run was chunked or resumed: lane `l` draws
+the batch of step `t` from `fold_in(data_key[l], t)`, and its factors are
+initialised from its own `init_key`. Seed i therefore sees the same data
+stream for every K, which makes comparisons across K paired.
+
+Divergence is isolated per lane: when a lane's loss or gradients stop being
+finite, its parameters and optimizer state are held where they were and its
+status becomes DIVERGED; the other lanes continue bitwise unchanged.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ctsft_jax import lowrank
+from ctsft_jax import model as model_lib
+from ctsft_jax import optim
+
+PyTree = Any
+OK, DIVERGED = 0, 1
+# Purposes folded into a seed's key to derive independent streams.
+INIT_PURPOSE, DATA_PURPOSE = 0, 1
+
+
+class LaneState(NamedTuple):
+  """Training state of all lanes of one K; leading axis L is the lane."""
+
+  params: PyTree  # trainable tree, leaves [L, ...] float32 (factors or full)
+  opt_state: PyTree  # optax state of `params` only, leaves [L, ...]
+  peak_lr: jax.Array  # [L] float32, peak learning rate of each lane
+  total_steps: jax.Array  # [L] int32, schedule length; a lane stops there
+  status: jax.Array  # [L] int32, OK or DIVERGED
+  diverged_step: jax.Array  # [L] int32, step that first went non-finite, or -1
+  last_loss: jax.Array  # [L] float32, last finite train loss
+  step: jax.Array  # [] int32, steps completed by the program
+
+
+class DataArrays(NamedTuple):
+  """A split on device: inputs/targets [N, T] int32, weights [N, T] f32."""
+
+  inputs: jax.Array
+  targets: jax.Array
+  weights: jax.Array
+
+
+def lane_keys(seeds) -> tuple[jax.Array, jax.Array]:
+  """(init_keys, data_keys), each [L], from integer seeds, one per lane."""
+  keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  return fold(keys, INIT_PURPOSE), fold(keys, DATA_PURPOSE)
+
+
+def weighted_cross_entropy(logits, targets, weights) -> jax.Array:
+  """Mean token cross-entropy over positions with weight 1 (response tokens)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def sample_batch(data: DataArrays, key, step, batch_size: int) -> DataArrays:
+  """The batch of `step`: rows drawn with replacement from fold_in(key, step)."""
+  rows = jax.random.randint(
+      jax.random.fold_in(key, step), (batch_size,), 0, data.inputs.shape[0]
+  )
+  return DataArrays(*(x[rows] for x in data))
+
+
+def _tree_where(mask, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, old)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the trainer trains: a model, how variables are assembled, the init.
+
+  Attributes:
+    rank: K, or 0 for full training of every parameter.
+    module: the Flax model.
+    variables: maps (trainable, frozen) to the variables given to `apply`.
+    init_params: maps an init key to one lane's trainable tree.
+  """
+
+  rank: int
+  module: Any
+  variables: Callable[[PyTree, PyTree], dict]
+  init_params: Callable[[jax.Array], PyTree]
+
+  def loss(self, params, frozen, batch: DataArrays) -> jax.Array:
+    logits = self.module.apply(self.variables(params, frozen), batch.inputs)
+    return weighted_cross_entropy(logits, batch.targets, batch.weights)
+
+
+def lowrank_task(config: ml_collections.ConfigDict, rank: int) -> Task:
+  """Trains rank-K factors on a frozen base (`frozen` is the base params)."""
+  lr_cfg = config.lowrank
+  module = model_lib.build(
+      config.model,
+      rank,
+      scaling_rule=lr_cfg.scaling,
+      alpha=lr_cfg.alpha,
+      targets=tuple(lr_cfg.targets),
+  )
+  shapes = lowrank.factor_shapes(config.model, rank, tuple(lr_cfg.targets))
+  return Task(
+      rank=rank,
+      module=module,
+      variables=lambda p, f: {'params': f, model_lib.LOWRANK: p},
+      init_params=functools.partial(lowrank.init_factors, shapes),
+  )
+
+
+def full_task(model_config: ml_collections.ConfigDict) -> Task:
+  """Trains every parameter (pretraining, full fine-tuning); no frozen part."""
+  return Task(
+      rank=0,
+      module=model_lib.build(model_config),
+      variables=lambda p, f: {'params': p},
+      init_params=functools.partial(model_lib.init_base, model_config),
+  )
+
+
+def init_state(task, optimizer, init_keys, peak_lr, total_steps) -> LaneState:
+  """Fresh lanes: params from each lane's init key, optimizer state, status."""
+  params = jax.vmap(task.init_params)(init_keys)
+  n = init_keys.shape[0]
+  return LaneState(
+      params=params,
+      opt_state=jax.vmap(optimizer.init)(params),
+      peak_lr=jnp.asarray(peak_lr, jnp.float32).reshape(n),
+      total_steps=jnp.asarray(total_steps, jnp.int32).reshape(n),
+      status=jnp.full((n,), OK, jnp.int32),
+      diverged_step=jnp.full((n,), -1, jnp.int32),
+      last_loss=jnp.full((n,), jnp.nan, jnp.float32),
+      step=jnp.zeros((), jnp.int32),
+  )
+
+
+def _lane_step(task, optimizer, schedule, lane, frozen, batch, step):
+  """One optimizer step of one lane; holds the lane if it is done or bad."""
+  params, opt_state, peak_lr, total, status, div_step, last = lane
+  loss, grads = jax.value_and_grad(task.loss)(params, frozen, batch)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  opt_state = optim.with_learning_rate(
+      opt_state, peak_lr * schedule(step, total)
+  )
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  running = (status == OK) & (step < total)
+  take = running & finite
+  newly_bad = running & ~finite
+  lane = (
+      _tree_where(take, new_params, params),
+      _tree_where(take, new_opt_state, opt_state),
+      peak_lr,
+      total,
+      jnp.where(newly_bad, DIVERGED, status),
+      jnp.where(newly_bad, step, div_step),
+      jnp.where(take, loss, last),
+  )
+  return lane, loss
+
+
+def make_train_chunk(
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    chunk_steps: int,
+    batch_size: int,
+    shared_data: bool = False,
+):
+  """Returns the pure `chunk(state, frozen, train, data_keys)`.
+
+  It runs `chunk_steps` steps of every lane with `lax.scan` and returns the
+  new state and the per-step train losses [chunk_steps, L]. With
+  `shared_data`, `data_keys` is a single key and every lane sees the same
+  batches, so data-only work is done once rather than once per lane.
+  """
+  lane_step = functools.partial(_lane_step, task, optimizer, schedule)
+  sample = functools.partial(sample_batch, batch_size=batch_size)
+
+  def chunk(state: LaneState, frozen, train: DataArrays, data_keys):
+    def body(state: LaneState, _):
+      step = state.step
+      if shared_data:
+        batch, batch_axis = sample(train, data_keys, step), None
+      else:
+        batch = jax.vmap(sample, in_axes=(None, 0, None))(
+            train, data_keys, step
+        )
+        batch_axis = 0
+      lane, loss = jax.vmap(lane_step, in_axes=(0, None, batch_axis, None))(
+          tuple(state[:-1]), frozen, batch, step
+      )
+      return LaneState(*lane, step + 1), loss
+
+    return jax.lax.scan(body, state, length=chunk_steps)
+
+  return chunk
+
+
+def make_evaluate(task: Task, *, eval_batch: int):
+  """Returns the pure `evaluate(params, frozen, data) -> [L]` eval losses.
+
+  The loss of a lane is the weighted mean cross-entropy over the whole
+  held-out set (all its response tokens), computed in batches of
+  `eval_batch` rows. `data` rows must be a multiple of `eval_batch`; pad with
+  zero-weight rows (see `pad_rows`).
+  """
+
+  def one_lane(params, frozen, data: DataArrays):
+    def body(carry, batch):
+      logits = task.module.apply(task.variables(params, frozen), batch.inputs)
+      losses = optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch.targets
+      )
+      total, count = carry
+      return (
+          total + jnp.sum(losses * batch.weights),
+          count + jnp.sum(batch.weights),
+      ), None
+
+    batches = jax.tree.map(
+        lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), data
+    )
+    (total, count), _ = jax.lax.scan(body, (0.0, 0.0), batches)
+    return total / jnp.maximum(count, 1.0)
+
+  return jax.vmap(one_lane, in_axes=(0, None, None))
+
+
+def pad_rows(data: DataArrays, multiple: int) -> DataArrays:
+  """Pads a split with zero-weight rows to a multiple of `multiple` rows."""
+  n = data.inputs.shape[0]
+  extra = -n % multiple
+  if not extra:
+    return data
+  return DataArrays(
+      *(
+          jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
+          for x in data
+      )
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The compiled programs of one K (or of full training)."""
+
+  task: Task
+  chunk_steps: int
+  init: Any  # compiled (init_keys, peak_lr, total_steps) -> LaneState
+  train_chunk: (
+      Any  # compiled (state, frozen, train, data_keys) -> (state, loss)
+  )
+  evaluate: Any  # compiled (params, frozen, data) -> [L] eval loss
+  compile_seconds: float
+
+
+def schedule_fn(optim_config: ml_collections.ConfigDict) -> Callable:
+  return functools.partial(
+      optim.lr_factor,
+      warmup_steps=optim_config.warmup_steps,
+      schedule=optim_config.schedule,
+      end_factor=optim_config.end_factor,
+  )
+
+
+def compile_programs(
+    task: Task,
+    *,
+    optim_config: ml_collections.ConfigDict,
+    batch_size: int,
+    eval_batch: int,
+    n_lanes: int,
+    chunk_steps: int,
+    frozen: PyTree,
+    train: DataArrays,
+    eval_data: DataArrays | None,
+    shared_data: bool = False,
+) -> Programs:
+  """Compiles init, the train chunk and evaluation once, ahead of time.
+
+  Later calls with other shapes fail loudly instead of recompiling, so a
+  sweep compiles exactly these programs once per K.
+  """
+  optimizer = optim.make_optimizer(optim_config)
+  init = jax.jit(functools.partial(init_state, task, optimizer))
+  chunk = make_train_chunk(
+      task,
+      optimizer,
+      schedule_fn(optim_config),
+      chunk_steps=chunk_steps,
+      batch_size=batch_size,
+      shared_data=shared_data,
+  )
+  init_keys, data_keys = jax.eval_shape(lambda: lane_keys(range(n_lanes)))
+  if shared_data:
+    data_keys = jax.ShapeDtypeStruct((), data_keys.dtype)
+  lanes_f32 = jax.ShapeDtypeStruct((n_lanes,), jnp.float32)
+  lanes_i32 = jax.ShapeDtypeStruct((n_lanes,), jnp.int32)
+  start = time.perf_counter()
+  init_c = init.lower(init_keys, lanes_f32, lanes_i32).compile()
+  state = jax.eval_shape(init, init_keys, lanes_f32, lanes_i32)
+  chunk_c = (
+      jax.jit(chunk, donate_argnums=0)
+      .lower(state, frozen, train, data_keys)
+      .compile()
+  )
+  eval_c = None
+  if eval_data is not None:
+    evaluate = make_evaluate(task, eval_batch=eval_batch)
+    eval_c = jax.jit(evaluate).lower(state.params, frozen, eval_data).compile()
+  seconds = time.perf_counter() - start
+  logging.info(
+      'K=%d: compiled init, %d-step train chunk and eval for %d lanes in'
+      ' %.1fs',
+      task.rank,
+      chunk_steps,
+      n_lanes,
+      seconds,
+  )
+  return Programs(task, chunk_steps, init_c, chunk_c, eval_c, seconds)

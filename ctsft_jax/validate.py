@@ -1,0 +1,93 @@
+"""Checks of a config before anything runs, each failing with one clear line."""
+
+import ml_collections
+
+from ctsft_jax import budget as budget_lib
+from ctsft_jax import data as data_lib
+from ctsft_jax import errors
+from ctsft_jax import lowrank
+from ctsft_jax import optim
+
+SCALING_RULES = ('standard', 'rslora', 'none')
+BASE_KINDS = ('pretrained', 'random')
+DATA_SOURCES = ('stdlib', 'jsonl', 'synthetic')
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.UserError(message)
+
+
+def _one_of(name: str, value, allowed) -> None:
+  _require(value in allowed, f'{name}={value!r} is not one of {allowed}')
+
+
+def _positive(name: str, value) -> None:
+  _require(value > 0, f'{name}={value} must be > 0')
+
+
+def check_config(config: ml_collections.ConfigDict) -> int:
+  """Raises UserError on the first bad value; returns the largest valid K."""
+  m = config.model
+  _positive('seeds', config.seeds)
+  for name in ('d_model', 'n_heads', 'n_layers', 'd_mlp', 'max_len'):
+    _positive(f'model.{name}', m[name])
+  _require(
+      m.d_model % m.n_heads == 0,
+      f'model.d_model={m.d_model} must be a multiple of model.n_heads='
+      f'{m.n_heads}',
+  )
+  _require(
+      m.vocab_size >= data_lib.VOCAB_SIZE,
+      f'model.vocab_size={m.vocab_size} must be >= {data_lib.VOCAB_SIZE}, the'
+      ' byte tokenizer vocabulary',
+  )
+  _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
+  _one_of('lowrank.scaling', config.lowrank.scaling, SCALING_RULES)
+  _one_of('optim.schedule', config.optim.schedule, optim.SCHEDULES)
+  _one_of('base.kind', config.base.kind, BASE_KINDS)
+  _one_of('data.source', config.data.source, DATA_SOURCES)
+  _positive('optim.learning_rate', config.optim.learning_rate)
+  _positive('data.batch_size', config.data.batch_size)
+  _positive('data.seq_len', config.data.seq_len)
+  _positive('train.eval_batch', config.train.eval_batch)
+  _positive('train.max_chunk_steps', config.train.max_chunk_steps)
+  _positive('budget.anchor_steps', config.budget.anchor_steps)
+  _require(
+      config.data.seq_len <= m.max_len,
+      f'data.seq_len={config.data.seq_len} must be <= model.max_len='
+      f'{m.max_len}',
+  )
+  _require(
+      config.data.source != 'jsonl' or bool(config.data.path),
+      'data.source=jsonl needs data.path, a JSONL file of prompt/response lines',
+  )
+  return check_ranks(config)
+
+
+def check_ranks(config: ml_collections.ConfigDict) -> int:
+  ranks = budget_lib.ranks_needed(config.studies)
+  _require(bool(ranks), 'no study is enabled; enable one under studies.*')
+  for k in ranks:
+    _require(k > 0, f'K={k} must be a positive integer rank')
+  max_rank = lowrank.max_rank(config.model, tuple(config.lowrank.targets))
+  for k in ranks:
+    _require(
+        k <= max_rank,
+        f'K={k} is above min(d_in, d_out)={max_rank} of the targeted layers;'
+        f' use K <= {max_rank} or a wider model',
+    )
+  return max_rank
+
+
+def differing_keys(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """Dotted names of the keys whose values differ between two config dicts."""
+  keys = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    name = f'{prefix}{key}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      keys += differing_keys(a, b, name + '.')
+    elif a != b:
+      keys.append(name)
+  return keys
