@@ -25,6 +25,7 @@ Conventions used throughout:
   first study in `STUDY_ORDER` that has it.
 """
 
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -136,11 +137,12 @@ def paired(a, b, *, n_boot: int = 2000, seed: int = 0) -> dict:
     p = 1.0 if mean == 0 else 0.0
   else:
     p = 2 * stats.t.sf(abs(mean) / (sd / n**0.5), n - 1)
-  rng = np.random.default_rng(seed)
-  boot = diff[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-  prob = np.mean(boot < 0) + 0.5 * np.mean(boot == 0)
   out.update(mean_diff=mean, ci95=summary['ci95'], p=float(p))
-  out['prob_a_lower'] = float(prob)
+  if n_boot > 0:
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    prob = np.mean(boot < 0) + 0.5 * np.mean(boot == 0)
+    out['prob_a_lower'] = float(prob)
   return out
 
 
@@ -243,7 +245,8 @@ def budget_curve(
 
   The budget is cost[anchor_K] * anchor_steps; each K gets
   steps(K) = budget / cost[K], and its loss there from `values_at_steps`.
-  None when the anchor K has no cost on this axis.
+  `best_K` (lowest mean) needs at least two available K's. None when the
+  anchor K has no cost on this axis.
   """
   if anchor_rank not in cost:
     return None
@@ -259,7 +262,9 @@ def budget_curve(
     row.update(mean_ci(values if values is not None else []))
     rows.append(row)
   usable = [r for r in rows if np.isfinite(r['mean'])]
-  best = min(usable, key=lambda r: r['mean'])['K'] if usable else None
+  best = None
+  if len(usable) >= 2:
+    best = min(usable, key=lambda r: r['mean'])['K']
   return {'budget': budget, 'points': rows, 'best_K': best}
 
 
@@ -418,8 +423,11 @@ def fit_form(form: str, points: Points, boot_idx: np.ndarray):
 
 
 def choose_fit(fits: Mapping[str, SurfaceFit | None]) -> SurfaceFit | None:
-  """The fit with the lowest leave-one-out RMSE (in-sample RMSE breaks a
-  tie or stands in when no held-out error could be computed)."""
+  """The fit with the lowest leave-one-out RMSE.
+
+  The in-sample RMSE breaks ties, and decides when no held-out error could
+  be computed.
+  """
   usable = [f for f in fits.values() if f is not None]
   if not usable:
     return None
@@ -583,10 +591,13 @@ def measured_best(
 def paper_k(multiple_of_anchor: float) -> int:
   """The K that paper 82's rule picks at a budget given in anchor units."""
   budget = multiple_of_anchor * PAPER_ANCHOR_PARAM_STEPS
-  for lower, upper, rank in PAPER_RULE:
-    if lower <= budget < upper or (rank == 64 and budget == upper):
-      return rank
-  return PAPER_RULE[-1][2]
+  if budget < 30e6:
+    return 8
+  if budget < 100e6:
+    return 32
+  if budget > 400e6:
+    return 2
+  return 64
 
 
 def paper_rule(anchors: Mapping[str, float]) -> dict:
@@ -635,9 +646,14 @@ class _RuleContext(NamedTuple):
 def rule_section(points, fit, costs, budget, *, n_boot, seed):
   """The fitted rule, the measured best K's and the paper's rule.
 
+  The fitted rule is `derive_rule` of the chosen fit on each axis, over the
+  measured K's, on the `budget_grid` of that axis. `agreement_with_paper`
+  is the share of grid budgets where it picks the paper's K.
+
   Returns:
     (the JSON section, the context the rule verdict needs).
   """
+  usable = {key: v for key, v in points.items() if np.isfinite(v).any()}
   anchor_rank, anchor_steps = budget['anchor_K'], budget['anchor_steps']
   anchors = {
       a: c[anchor_rank] * anchor_steps
@@ -649,19 +665,13 @@ def rule_section(points, fit, costs, budget, *, n_boot, seed):
   context = _RuleContext(None, [], None)
   for axis, cost in costs.items():
     out['measured'] += measured_best(
-        points, cost, axis, n_boot=n_boot, seed=seed
+        usable, cost, axis, n_boot=n_boot, seed=seed
     )
-    ranks = sorted(
-        {
-            k
-            for (k, _), v in points.items()
-            if k in cost and np.isfinite(v).any()
-        }
-    )
-    grid = budget_grid(points, cost)
-    if fit is None or grid is None or not ranks:
+    ranks = sorted({k for k, _ in usable if k in cost})
+    grid = budget_grid(usable, cost)
+    if fit is None or grid is None:
       continue
-    predict = lambda k, s, f=fit: surface(f.form, f.params, k, s)
+    predict = functools.partial(surface, fit.form, fit.params)
     rule = derive_rule(predict, ranks, cost, grid, axis=axis)
     out['ranges'] += rule['ranges']
     out['crossovers'] += rule['crossovers']
@@ -720,8 +730,9 @@ def _first_win_bootstrap(pairs, boot_idx) -> dict:
 def crossover_section(cells, metric, boot_idx, *, n_boot, seed):
   """Paired K=32(s) - K=2(16 s) differences and the first winning s.
 
-  `first_win_steps` is the smallest s whose paired mean difference is below
-  zero (None if none is). Its bootstrap redoes that choice on seed
+  `first_win_steps` is the smallest s whose mean difference over the seeds
+  finite in both cells is below zero (None if none is; one pair suffices,
+  as in the bootstrap). Its bootstrap redoes that choice on seed
   resamples; `first_win_bootstrap.ci95` is the 95% percentile interval of
   s, where an upper end of None means "no win in the measured range", and
   `prob` the share of resamples whose first win is each s.
@@ -746,7 +757,7 @@ def crossover_section(cells, metric, boot_idx, *, n_boot, seed):
             'n': cmp['n'],
         }
     )
-    if first_win is None and cmp['mean_diff'] < 0:
+    if first_win is None and _row_means(high - low) < 0:
       first_win = s
   return {
       'pairs': rows,
@@ -892,6 +903,9 @@ def verdict_k64(matched: Mapping[int, np.ndarray], *, n_boot, seed) -> dict:
   text = f'runner-up K={runner}: {_fmt(cmps[runner], f"L64-L{runner}")}'
   if better:
     text += f'; significantly better than K=64: {better}'
+  tied = [k for k in others if not _hi(cmps[k]) < 0 and k not in better]
+  if tied and not better:
+    text += f'; K=64 not significantly better than K in {tied}'
   return _verdict(claim, verdict, text, min(c['n'] for c in cmps.values()))
 
 
@@ -906,11 +920,14 @@ def verdict_rule_falls(
   falls and ends higher. Confirmed when the point estimate ends lower and
   P(falls) >= 0.95; refuted when P(rises) >= 0.95; else inconclusive.
 
-  NOTE: on the param_steps axis (cost linear in K) neither fitted form can
-  make the best K fall: the additive form's continuous optimum grows as
-  budget^(beta / (alpha + beta)), and the multiplicative form's best K is
-  the same at every budget. Under these forms the claim can at most be
-  refuted; a form with a K-steps interaction would be needed to confirm it.
+  NOTE: neither fitted form can make the best K fall, on any axis whose cost
+  per step grows with K. In the additive form the budget only scales the
+  steps term, whose weight in K grows with K, so the optimum moves up (as
+  budget^(beta / (alpha + beta)) when cost is linear in K); in the
+  multiplicative form the budget is a common factor, so the best K is the
+  same at every budget. Under these forms this claim can be refuted or left
+  inconclusive but never confirmed; confirming it needs a surface with a
+  K-steps interaction.
   """
   claim = 'The optimal K falls as the budget grows (param_steps axis)'
   if fit is None or context.grid is None:
@@ -923,15 +940,15 @@ def verdict_rule_falls(
   grid, ranks, cost = context
 
   def best_of(params):
-    predict = lambda k, s: surface(fit.form, params, k, s)
+    predict = functools.partial(surface, fit.form, params)
     return best_ranks(predict, ranks, cost, grid)
 
   point = best_of(fit.params)
   falls, rises = [], []
   for params in fit.boot_params:
-    steps = np.diff(best_of(params))
-    falls.append(np.all(steps <= 0) and steps.sum() < 0)
-    rises.append(np.all(steps >= 0) and steps.sum() > 0)
+    changes = np.diff(best_of(params))
+    falls.append(np.all(changes <= 0) and changes.sum() < 0)
+    rises.append(np.all(changes >= 0) and changes.sum() > 0)
   p_falls = float(np.mean(falls)) if falls else math.nan
   p_rises = float(np.mean(rises)) if rises else math.nan
   if point[-1] < point[0] and p_falls >= CONFIDENCE:
@@ -1015,13 +1032,12 @@ def analyze(
   cross = crossover_section(cells, metric, boot_idx, n_boot=n_boot, seed=seed)
   matched = _study_values(cells, 'budget_matched', metric)
   anchor = (budget['anchor_K'], budget['anchor_steps'])
+  boot = {'n_boot': n_boot, 'seed': seed}
   verdicts = [
-      verdict_dip(matched, n_boot=n_boot, seed=seed),
+      verdict_dip(matched, **boot),
       verdict_crossover(cross),
-      verdict_multiplier(
-          cells, points, budget, metric, n_boot=n_boot, seed=seed
-      ),
-      verdict_k64(matched, n_boot=n_boot, seed=seed),
+      verdict_multiplier(cells, points, budget, metric, **boot),
+      verdict_k64(matched, **boot),
       verdict_rule_falls(chosen, context, n_seeds),
   ]
   fit_json = {form: _fit_report(f) for form, f in fits.items()}

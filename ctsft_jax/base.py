@@ -70,7 +70,6 @@ def pretrain(config: ml_collections.ConfigDict, *, cache_dir: str | None):
       *(jnp.asarray(x) for x in (corpus.inputs, corpus.targets, corpus.weights))
   )
   steps = config.base.pretrain_steps
-  chunk = max(d for d in range(1, min(steps, 100) + 1) if steps % d == 0)
   task = train_lib.full_task(config.model)
   programs = train_lib.compile_programs(
       task,
@@ -78,7 +77,7 @@ def pretrain(config: ml_collections.ConfigDict, *, cache_dir: str | None):
       batch_size=config.base.pretrain_batch_size,
       eval_batch=config.train.eval_batch,
       n_lanes=1,
-      chunk_steps=chunk,
+      chunk_steps=min(steps, config.train.chunk_steps),
       frozen={},
       train=train,
       eval_data=None,
@@ -90,8 +89,9 @@ def pretrain(config: ml_collections.ConfigDict, *, cache_dir: str | None):
       jnp.full((1,), steps, jnp.int32),
   )
   start = time.perf_counter()
-  for _ in range(steps // chunk):
-    state, losses = programs.train_chunk(state, {}, train, data_keys)
+  while int(state.step) < steps:
+    n = min(steps - int(state.step), programs.chunk_steps)
+    state, losses = train_lib.advance(programs, state, {}, train, data_keys, n)
     done = int(state.step)
     logging.info(
         'pretrain: step %d/%d, loss %.4f, %.1f steps/s',

@@ -24,6 +24,8 @@ import ml_collections
 from ctsft_jax import errors
 
 STUDIES = ('budget_matched', 'budget_multipliers', 'crossover')
+# Budget axes other than param-steps, and the study that matches each one.
+AXIS_STUDIES = {'flops': 'flops_matched', 'wall_s': 'wallclock_matched'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +127,35 @@ def plan_cells(studies, budget: int, trainable: dict[int, int]) -> list[Cell]:
   return cells
 
 
+def axis_cells(
+    ranks,
+    cost_per_step: dict[int, float],
+    *,
+    study: str,
+    anchor_rank: int,
+    anchor_steps: int,
+) -> list[Cell]:
+  """Cells matched on another budget axis (FLOPs, seconds).
+
+  The budget on that axis is cost(anchor K) x anchor steps, and K gets
+  round(budget / cost_per_step(K)) steps, as for param-steps.
+  """
+  budget = cost_per_step[anchor_rank] * anchor_steps
+  return [
+      Cell(study, k, steps_for(budget, cost_per_step[k], rank=k)) for k in ranks
+  ]
+
+
 def make_plan(
-    studies, budget: int, trainable: dict[int, int], *, prefix_shared: bool
+    studies,
+    budget: int,
+    trainable: dict[int, int],
+    *,
+    prefix_shared: bool,
+    extra_cells: tuple[Cell, ...] = (),
 ) -> Plan:
-  """Groups the cells of the enabled studies into runs per K."""
-  cells = plan_cells(studies, budget, trainable)
+  """Groups the cells of the enabled studies (plus `extra_cells`) into runs."""
+  cells = plan_cells(studies, budget, trainable) + list(extra_cells)
   if not cells:
     raise errors.UserError('no study is enabled; enable one under studies.*')
   runs = {}
@@ -140,16 +166,6 @@ def make_plan(
     else:
       runs[k] = tuple(Run(k, s, (s,)) for s in steps)
   return Plan(budget, dict(trainable), tuple(cells), runs, prefix_shared)
-
-
-def chunk_steps(plan: Plan, rank: int, max_chunk_steps: int) -> int:
-  """Chunk length for K: the largest divisor of every eval step of every run
-  of K that is at most `max_chunk_steps`, so that chunk ends land on them."""
-  g = 0
-  for run in plan.runs[rank]:
-    for s in run.eval_steps:
-      g = math.gcd(g, s)
-  return max(d for d in range(1, min(g, max_chunk_steps) + 1) if g % d == 0)
 
 
 def setup_rows(plan: Plan) -> list[dict]:

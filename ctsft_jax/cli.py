@@ -25,11 +25,27 @@ def log_start(config) -> None:
   logging.info('Config:\n%s', config)
 
 
+class _QuietLibraries:
+  """Drops the INFO lines of checkpointing internals from the absl log."""
+
+  NOISY = ('/orbax/', '/etils/', '/tensorstore/')
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(
+        part in record.pathname for part in self.NOISY
+    )
+
+
+def quiet_libraries() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def run(main) -> None:
   """`app.run(main)`, turning a UserError into one line and exit status 2."""
 
   @functools.wraps(main)
   def guarded(argv):
+    quiet_libraries()
     try:
       return main(argv)
     except errors.UserError as e:

@@ -1,12 +1,14 @@
-"""The sweep: plan the cells, train each K once for all seeds, collect results.
+"""The sweep: plan the cells, train each K once for all lanes, write results.
 
-  config -> data, base -> plan -> per K: compile, run(s) in chunks
+  config -> data, base -> plan -> compile every K -> calibrate seconds/step
+         -> per K: run(s) in chunks, evaluating at every cell's step
          -> cell records -> results.json, report.md, figures
 
-Everything a run produces is recorded in `manifest.json` as soon as the run
-finishes, and each run checkpoints its state while it trains, so rerunning
-the same command on the same workdir skips finished runs and continues an
-unfinished one from its latest complete checkpoint.
+A *lane* is one (seed, learning rate) pair; without a learning-rate grid the
+lanes are the seeds. Everything a run produces is recorded in `manifest.json`
+as soon as the run finishes, and each run checkpoints its state while it
+trains, so rerunning the same command on the same workdir skips finished runs
+and continues an unfinished one from its latest complete checkpoint.
 """
 
 import dataclasses
@@ -25,11 +27,12 @@ from ctsft_jax import base as base_lib
 from ctsft_jax import budget as budget_lib
 from ctsft_jax import checkpoint
 from ctsft_jax import data as data_lib
-from ctsft_jax import environment
 from ctsft_jax import errors
+from ctsft_jax import flops as flops_lib
 from ctsft_jax import lowrank
 from ctsft_jax import optim
 from ctsft_jax import report
+from ctsft_jax import results as results_lib
 from ctsft_jax import train as train_lib
 from ctsft_jax import validate
 
@@ -44,22 +47,57 @@ class Context:
   workdir: str
   data_info: dict
   train: train_lib.DataArrays  # on device
-  eval_data: train_lib.DataArrays  # on device, padded to eval_batch rows
+  eval_sets: dict  # name -> DataArrays on device: 'report' (+ 'select')
   base: dict  # frozen base params
   base_info: dict
   plan: budget_lib.Plan
-  seeds: tuple[int, ...]  # one per lane
+  lanes: tuple[tuple[int, float], ...]  # (seed, peak learning rate)
+  flops_per_step: dict[int, float]  # K -> analytic FLOPs per lane-step
+
+  @property
+  def seeds(self) -> tuple[int, ...]:
+    return tuple(sorted({seed for seed, _ in self.lanes}))
+
+  @property
+  def lrs(self) -> tuple[float, ...]:
+    return tuple(sorted({lr for _, lr in self.lanes}))
 
 
-def _to_device(split, pad_to: int = 1) -> train_lib.DataArrays:
-  arrays = train_lib.DataArrays(
-      *(jnp.asarray(x) for x in (split.inputs, split.targets, split.weights))
+def lanes_of(config: ml_collections.ConfigDict):
+  """(seed, lr) per lane: seed-major, so lane = seed_index * n_lr + lr_index."""
+  lrs = tuple(config.optim.lr_grid) or (config.optim.learning_rate,)
+  seeds = [config.seed + i for i in range(config.seeds)]
+  return tuple((s, float(lr)) for s in seeds for lr in lrs)
+
+
+def _to_device(split, rows=None, pad_to: int = 1) -> train_lib.DataArrays:
+  arrays = (split.inputs, split.targets, split.weights)
+  if rows is not None:
+    arrays = tuple(x[rows] for x in arrays)
+  return train_lib.pad_rows(
+      train_lib.DataArrays(*(jnp.asarray(x) for x in arrays)), pad_to
   )
-  return train_lib.pad_rows(arrays, pad_to)
 
 
-def make_plan(config: ml_collections.ConfigDict) -> budget_lib.Plan:
-  """The plan of the config's studies, with trainable params per K."""
+def eval_sets(config, split) -> dict:
+  """The eval set; with an LR grid, halves for selection and for the report.
+
+  The halves are the even and odd rows, padded to the same number of rows so
+  one compiled eval program serves both.
+  """
+  batch = config.train.eval_batch
+  if not config.optim.lr_grid:
+    return dict(report=_to_device(split, pad_to=batch))
+  n = split.inputs.shape[0]
+  half = -(-((n + 1) // 2) // batch) * batch
+  return dict(
+      select=_to_device(split, np.arange(0, n, 2), pad_to=half),
+      report=_to_device(split, np.arange(1, n, 2), pad_to=half),
+  )
+
+
+def make_plan(config, seconds_per_step=None) -> budget_lib.Plan:
+  """The plan of the config's studies; axis cells where costs are known."""
   targets = tuple(config.lowrank.targets)
   trainable = {
       k: lowrank.trainable_params(
@@ -68,11 +106,30 @@ def make_plan(config: ml_collections.ConfigDict) -> budget_lib.Plan:
       for k in budget_lib.ranks_needed(config.studies)
   }
   budget = budget_lib.budget_param_steps(config.budget, trainable)
+  studies = config.studies
+  ranks = tuple(studies.budget_matched.ranks)
+  anchor = dict(
+      anchor_rank=config.budget.anchor_rank,
+      anchor_steps=config.budget.anchor_steps,
+  )
+  extra = []
+  if studies.flops_matched.enabled and studies.budget_matched.enabled:
+    extra += budget_lib.axis_cells(
+        ranks,
+        flops_lib.flops_per_step(config, ranks),
+        study='flops_matched',
+        **anchor,
+    )
+  if studies.wallclock_matched.enabled and seconds_per_step:
+    extra += budget_lib.axis_cells(
+        ranks, seconds_per_step, study='wallclock_matched', **anchor
+    )
   return budget_lib.make_plan(
-      config.studies,
+      studies,
       budget,
       trainable,
       prefix_shared=not optim.depends_on_total_steps(config.optim),
+      extra_cells=tuple(extra),
   )
 
 
@@ -87,19 +144,26 @@ def log_plan(plan: budget_lib.Plan, max_rank: int) -> None:
         row['steps'],
         f"{row['param_steps']:,}",
     )
+  for rank, runs in plan.runs.items():
+    for run in runs:
+      logging.info(
+          'K=%d: run of %d steps, evaluated at %s',
+          rank,
+          run.total_steps,
+          list(run.eval_steps),
+      )
   if plan.prefix_shared:
     logging.info(
         'Prefix sharing on (schedule is constant after warmup): %d train steps'
-        ' per seed instead of %d (saves %d).',
+        ' per lane instead of %d (saves %d).',
         plan.train_steps,
         plan.unshared_steps,
         plan.unshared_steps - plan.train_steps,
     )
   else:
     logging.info(
-        'Prefix sharing off (schedule depends on run length): each of the'
-        ' %d cells is its own run, %d train steps per seed.',
-        sum(len(r) for r in plan.runs.values()),
+        'Prefix sharing off (the schedule depends on run length): every step'
+        ' count is its own run, %d train steps per lane.',
         plan.train_steps,
     )
   logging.info(
@@ -114,27 +178,73 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
   """Validates the config, loads data and base, and plans the cells."""
   max_rank = validate.check_config(config)
   plan = make_plan(config)
-  log_plan(plan, max_rank)
   cache_dir = base_lib.cache_root(config)
   dataset = data_lib.load_sft(config.data, cache_dir=cache_dir)
   logging.info('Data: %s', dataset.info)
   base, base_info = base_lib.load_base(config)
-  seeds = tuple(config.seed + i for i in range(config.seeds))
   return Context(
       config=config,
       workdir=workdir,
       data_info=dict(dataset.info),
       train=_to_device(dataset.train),
-      eval_data=_to_device(dataset.eval, config.train.eval_batch),
+      eval_sets=eval_sets(config, dataset.eval),
       base=base,
       base_info=dict(base_info, max_rank=max_rank),
       plan=plan,
-      seeds=seeds,
+      lanes=lanes_of(config),
+      flops_per_step=flops_lib.flops_per_step(config, plan.runs),
   )
 
 
-def _finite_or_none(values) -> list:
-  return [float(v) if np.isfinite(v) else None for v in np.asarray(values)]
+def init_args(ctx: Context, total_steps: int):
+  init_keys, _ = train_lib.lane_keys([seed for seed, _ in ctx.lanes])
+  n = len(ctx.lanes)
+  return (
+      init_keys,
+      jnp.asarray([lr for _, lr in ctx.lanes], jnp.float32),
+      jnp.full((n,), total_steps, jnp.int32),
+  )
+
+
+def data_keys(ctx: Context):
+  _, keys = train_lib.lane_keys([seed for seed, _ in ctx.lanes])
+  return keys[0] if ctx.config.data.shared_across_seeds else keys
+
+
+def compile_rank(ctx: Context, rank: int) -> train_lib.Programs:
+  cfg = ctx.config
+  return train_lib.compile_programs(
+      train_lib.lowrank_task(cfg, rank),
+      optim_config=cfg.optim,
+      batch_size=cfg.data.batch_size,
+      eval_batch=cfg.train.eval_batch,
+      n_lanes=len(ctx.lanes),
+      chunk_steps=cfg.train.chunk_steps,
+      frozen=ctx.base,
+      train=ctx.train,
+      eval_data=ctx.eval_sets['report'],
+      shared_data=cfg.data.shared_across_seeds,
+  )
+
+
+def calibrate(ctx: Context, programs: dict, steps: int) -> dict[int, float]:
+  """Measured seconds of one train step of one lane, per K.
+
+  Times `steps` steps of every lane on a throwaway state, after one untimed
+  warm-up chunk, and divides by the number of lanes.
+  """
+  seconds = {}
+  for rank, prog in programs.items():
+    state = prog.init(*init_args(ctx, steps))
+    keys = data_keys(ctx)
+    state, _ = train_lib.advance(prog, state, ctx.base, ctx.train, keys, 1)
+    start = time.perf_counter()
+    train_lib.advance(prog, state, ctx.base, ctx.train, keys, steps)
+    seconds[rank] = (time.perf_counter() - start) / steps / len(ctx.lanes)
+    logging.info(
+        'K=%d: %.2e s per lane-step (calibration)', rank, seconds[rank]
+    )
+  return seconds
 
 
 class _Progress:
@@ -164,53 +274,61 @@ class _Progress:
     )
 
 
-def _restore_or_init(ckpts, programs, ctx, run, init_args):
-  state = programs.init(*init_args)
+def _restore_or_init(ckpts, programs, run, args):
+  state = programs.init(*args)
   step = ckpts.latest_step()
   if step is None:
     return state, dict(train_loss=[], eval={}, train_seconds=0.0)
   logging.info('K=%d: resuming from the checkpoint at step %d', run.rank, step)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state,
   )
   return ckpts.restore(step, abstract)
+
+
+def _evaluate(ctx: Context, programs, state) -> dict:
+  return {
+      name: results_lib.finite_or_none(
+          programs.evaluate(state.params, ctx.base, data)
+      )
+      for name, data in ctx.eval_sets.items()
+  }
+
+
+def _boundaries(run: budget_lib.Run, start: int, chunk: int, every: int):
+  """Steps after which to stop: every eval step and a save every few chunks."""
+  saves = range(chunk * every, run.total_steps, chunk * every)
+  return sorted({s for s in (*run.eval_steps, *saves) if s > start})
 
 
 def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
   """Trains one run of one K for all lanes; returns its record."""
   cfg = ctx.config
-  n = len(ctx.seeds)
-  init_keys, data_keys = train_lib.lane_keys(ctx.seeds)
-  init_args = (
-      init_keys,
-      jnp.full((n,), cfg.optim.learning_rate, jnp.float32),
-      jnp.full((n,), run.total_steps, jnp.int32),
-  )
-  ckpt_dir = os.path.join(
-      ctx.workdir, 'checkpoints', f'K{run.rank}_steps{run.total_steps}'
-  )
+  ckpt_dir = os.path.join(ctx.workdir, 'checkpoints', _run_id(run))
   ckpts = checkpoint.RunCheckpoints(ckpt_dir)
-  state, progress = _restore_or_init(ckpts, programs, ctx, run, init_args)
-  if cfg.data.shared_across_seeds:
-    data_keys = data_keys[0]
+  state, progress = _restore_or_init(
+      ckpts, programs, run, init_args(ctx, run.total_steps)
+  )
+  keys = data_keys(ctx)
   meter = _Progress(f'K={run.rank}', run.total_steps, int(state.step))
-  chunks = 0
-  while int(state.step) < run.total_steps:
+  stops = _boundaries(
+      run,
+      int(state.step),
+      programs.chunk_steps,
+      cfg.train.checkpoint_every_chunks,
+  )
+  for stop in stops:
     start = time.perf_counter()
-    state, losses = programs.train_chunk(state, ctx.base, ctx.train, data_keys)
-    losses = np.asarray(losses)
+    state, losses = train_lib.advance(
+        programs, state, ctx.base, ctx.train, keys, stop - int(state.step)
+    )
     progress['train_seconds'] += time.perf_counter() - start
-    progress['train_loss'].extend(_finite_or_none(row) for row in losses)
-    step, chunks = int(state.step), chunks + 1
-    meter.update(step, losses[-1])
-    if step in run.eval_steps:
-      eval_loss = programs.evaluate(state.params, ctx.base, ctx.eval_data)
-      progress['eval'][str(step)] = _finite_or_none(eval_loss)
-    if (
-        chunks % cfg.train.checkpoint_every_chunks == 0
-        or step == run.total_steps
-    ):
-      ckpts.save(step, state, progress)
+    progress['train_loss'] += [results_lib.finite_or_none(r) for r in losses]
+    meter.update(stop, losses[-1])
+    if stop in run.eval_steps:
+      progress['eval'][str(stop)] = _evaluate(ctx, programs, state)
+    ckpts.save(stop, state, progress)
   ckpts.wait()
   ckpts.close()
   progress['status'] = np.asarray(state.status).tolist()
@@ -218,156 +336,76 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
   return progress
 
 
-def run_rank(ctx: Context, rank: int, manifest: dict) -> dict:
-  """Compiles K's programs once and trains each of its unfinished runs."""
-  runs = ctx.plan.runs[rank]
-  todo = [r for r in runs if _run_id(r) not in manifest['runs']]
-  if not todo:
-    logging.info('K=%d: all runs finished earlier; skipping', rank)
-    return manifest
-  cfg = ctx.config
-  programs = train_lib.compile_programs(
-      train_lib.lowrank_task(cfg, rank),
-      optim_config=cfg.optim,
-      batch_size=cfg.data.batch_size,
-      eval_batch=cfg.train.eval_batch,
-      n_lanes=len(ctx.seeds),
-      chunk_steps=budget_lib.chunk_steps(
-          ctx.plan, rank, cfg.train.max_chunk_steps
-      ),
-      frozen=ctx.base,
-      train=ctx.train,
-      eval_data=ctx.eval_data,
-      shared_data=cfg.data.shared_across_seeds,
-  )
-  manifest['compile_seconds'][str(rank)] = programs.compile_seconds
-  manifest['flops_per_step'][str(rank)] = step_flops(programs, len(ctx.seeds))
-  if manifest.get('base_eval_loss') is None:
-    manifest['base_eval_loss'] = base_eval_loss(ctx, programs)
-  for run in todo:
-    record = train_run(ctx, programs, run)
-    manifest['runs'][_run_id(run)] = record
-    checkpoint.write_json(os.path.join(ctx.workdir, 'manifest.json'), manifest)
-  return manifest
-
-
-def step_flops(programs: train_lib.Programs, n_lanes: int) -> float:
-  """Model FLOPs of one train step of one lane, from XLA's cost analysis.
-
-  XLA counts the body of the scan once, so the chunk's count is one step of
-  every lane.
-  """
-  return float(programs.train_chunk.cost_analysis()['flops']) / n_lanes
-
-
 def _run_id(run: budget_lib.Run) -> str:
   return f'K{run.rank}_steps{run.total_steps}'
-
-
-def _run_of(plan: budget_lib.Plan, cell: budget_lib.Cell) -> budget_lib.Run:
-  return next(r for r in plan.runs[cell.rank] if cell.steps in r.eval_steps)
-
-
-def _window_mean(rows: list, steps: int) -> list:
-  """Per-lane mean train loss over the cell's last max(1, steps/10) steps."""
-  width = max(1, round(steps / 10))
-  window = np.array(
-      [
-          [np.nan if v is None else v for v in row]
-          for row in rows[steps - width : steps]
-      ]
-  )
-  with np.errstate(all='ignore'):
-    return _finite_or_none(np.mean(window, axis=0))
-
-
-def cell_record(ctx: Context, manifest: dict, cell: budget_lib.Cell) -> dict:
-  """The results.json entry of one cell: its losses for every seed."""
-  run = _run_of(ctx.plan, cell)
-  record = manifest['runs'][_run_id(run)]
-  diverged = [0 <= d < cell.steps for d in record['diverged_step']]
-  mask = lambda values: [None if bad else v for v, bad in zip(values, diverged)]
-  n = len(ctx.seeds)
-  sec_per_step = record['train_seconds'] / run.total_steps
-  out = dict(
-      study=cell.study,
-      K=cell.rank,
-      steps=cell.steps,
-      trainable_params=ctx.plan.trainable[cell.rank],
-      param_steps=ctx.plan.trainable[cell.rank] * cell.steps,
-      flops=cell.steps * manifest['flops_per_step'][str(cell.rank)],
-      wall_s=cell.steps * sec_per_step / n,
-      final_eval_loss=mask(record['eval'][str(cell.steps)]),
-      final_train_loss=mask(_window_mean(record['train_loss'], cell.steps)),
-      status=['diverged' if bad else 'ok' for bad in diverged],
-      diverged_step=[
-          d if bad else None
-          for d, bad in zip(record['diverged_step'], diverged)
-      ],
-  )
-  if cell.multiplier is not None:
-    out['multiplier'] = cell.multiplier
-  if cell.pair is not None:
-    out['pair'] = cell.pair
-  return out
-
-
-def _curves(ctx: Context, manifest: dict) -> dict:
-  """Per K, the per-step train losses of its longest run (every lane)."""
-  curves = {}
-  for rank, runs in ctx.plan.runs.items():
-    longest = max(runs, key=lambda r: r.total_steps)
-    curves[str(rank)] = manifest['runs'][_run_id(longest)]['train_loss']
-  return curves
-
-
-def base_eval_loss(ctx: Context, programs) -> float:
-  """Eval loss of the untuned base (zero B factors), for reference."""
-  init_keys, _ = train_lib.lane_keys(ctx.seeds)
-  n = len(ctx.seeds)
-  state = programs.init(
-      init_keys, jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.int32)
-  )
-  return float(programs.evaluate(state.params, ctx.base, ctx.eval_data)[0])
 
 
 def _load_manifest(workdir: str) -> dict:
   path = os.path.join(workdir, 'manifest.json')
   if os.path.exists(path):
     return checkpoint.read_json(path)
-  return dict(runs={}, compile_seconds={}, flops_per_step={})
+  return dict(runs={}, compile_seconds={}, xla_flops_per_step={})
 
 
-def results_dict(ctx: Context, manifest: dict) -> dict:
-  cells = [cell_record(ctx, manifest, c) for c in ctx.plan.cells]
-  sec_per_step = {}
-  for rank, runs in ctx.plan.runs.items():
-    records = [manifest['runs'][_run_id(r)] for r in runs]
-    sec_per_step[str(rank)] = sum(r['train_seconds'] for r in records) / sum(
-        r.total_steps for r in runs
-    )
-  return dict(
-      config=ctx.config.to_dict(),
-      environment=environment.describe(),
-      data=ctx.data_info,
-      base=ctx.base_info,
-      seeds=list(ctx.seeds),
-      budget=dict(
-          param_steps=ctx.plan.budget,
-          anchor_K=ctx.config.budget.anchor_rank,
-          anchor_steps=ctx.config.budget.anchor_steps,
-      ),
-      prefix_shared=ctx.plan.prefix_shared,
-      setup=budget_lib.setup_rows(ctx.plan),
-      base_eval_loss=manifest.get('base_eval_loss'),
-      cells=cells,
-      curves=_curves(ctx, manifest),
-      timing=dict(
-          compile_seconds=manifest['compile_seconds'],
-          seconds_per_step=sec_per_step,
-          flops_per_step=manifest['flops_per_step'],
-      ),
+def _save_manifest(ctx: Context, manifest: dict) -> None:
+  checkpoint.write_json(os.path.join(ctx.workdir, 'manifest.json'), manifest)
+
+
+def compile_all(ctx: Context, manifest: dict) -> dict:
+  """Compiles every K that still has work (or needs calibrating)."""
+  need_calibration = (
+      ctx.config.studies.wallclock_matched.enabled
+      and 'seconds_per_step' not in manifest
   )
+  programs = {}
+  for rank, runs in ctx.plan.runs.items():
+    if need_calibration or any(
+        _run_id(r) not in manifest['runs'] for r in runs
+    ):
+      programs[rank] = compile_rank(ctx, rank)
+      manifest['compile_seconds'][str(rank)] = programs[rank].compile_seconds
+      manifest['xla_flops_per_step'][str(rank)] = float(
+          programs[rank].train_chunk.cost_analysis()['flops']
+      ) / len(ctx.lanes)
+  if need_calibration:
+    steps = ctx.config.studies.wallclock_matched.calibration_steps
+    calibrated = calibrate(ctx, programs, steps)
+    manifest['seconds_per_step'] = {str(k): v for k, v in calibrated.items()}
+    _save_manifest(ctx, manifest)
+  return programs
+
+
+def run_sweep(
+    config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+) -> dict:
+  """Runs (or resumes) the whole sweep; writes every artifact to `workdir`."""
+  check_workdir(config, workdir, overwrite=overwrite)
+  ctx = prepare(config, workdir)
+  manifest = _load_manifest(workdir)
+  programs = compile_all(ctx, manifest)
+  if 'seconds_per_step' in manifest:
+    seconds = {int(k): v for k, v in manifest['seconds_per_step'].items()}
+    ctx.plan = make_plan(config, seconds)
+    ctx.flops_per_step = flops_lib.flops_per_step(config, ctx.plan.runs)
+  log_plan(ctx.plan, ctx.base_info['max_rank'])
+  if manifest.get('base_eval_loss') is None and programs:
+    prog = next(iter(programs.values()))
+    state = prog.init(*init_args(ctx, 1))  # B = 0: the untuned base
+    manifest['base_eval_loss'] = _evaluate(ctx, prog, state)['report'][0]
+  for rank, runs in ctx.plan.runs.items():
+    for run in runs:
+      if _run_id(run) in manifest['runs']:
+        logging.info('%s finished earlier; skipping', _run_id(run))
+        continue
+      if rank not in programs:
+        programs[rank] = compile_rank(ctx, rank)
+      manifest['runs'][_run_id(run)] = train_run(ctx, programs[rank], run)
+      _save_manifest(ctx, manifest)
+  _save_manifest(ctx, manifest)
+  results = results_lib.results_dict(ctx, manifest, _run_id)
+  for name, path in report.write_all(results, workdir).items():
+    logging.info('Wrote %s: %s', name, path)
+  return results
 
 
 def check_workdir(
@@ -386,10 +424,9 @@ def check_workdir(
         ' writable directory'
     ) from None
   path = os.path.join(workdir, 'config.json')
-  new = config.to_dict()
+  new = json.loads(json.dumps(config.to_dict()))
   if os.path.exists(path) and not overwrite:
-    old = checkpoint.read_json(path)
-    differ = validate.differing_keys(old, json_roundtrip(new))
+    differ = validate.differing_keys(checkpoint.read_json(path), new)
     if differ:
       raise errors.UserError(
           f'--workdir={workdir} holds a sweep with a different config (keys'
@@ -401,23 +438,3 @@ def check_workdir(
         os.remove(os.path.join(workdir, name))
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
   checkpoint.write_json(path, new)
-
-
-def json_roundtrip(obj):
-  return json.loads(json.dumps(obj))
-
-
-def run_sweep(
-    config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
-) -> dict:
-  """Runs (or resumes) the whole sweep; writes every artifact to `workdir`."""
-  check_workdir(config, workdir, overwrite=overwrite)
-  ctx = prepare(config, workdir)
-  manifest = _load_manifest(workdir)
-  for rank in ctx.plan.runs:
-    manifest = run_rank(ctx, rank, manifest)
-  results = results_dict(ctx, manifest)
-  paths = report.write_all(results, workdir)
-  for name, path in paths.items():
-    logging.info('Wrote %s: %s', name, path)
-  return results

@@ -25,6 +25,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from ctsft_jax import lowrank
@@ -188,18 +189,22 @@ def make_train_chunk(
     batch_size: int,
     shared_data: bool = False,
 ):
-  """Returns the pure `chunk(state, frozen, train, data_keys)`.
+  """Returns the pure `chunk(state, frozen, train, data_keys, n_steps)`.
 
-  It runs `chunk_steps` steps of every lane with `lax.scan` and returns the
-  new state and the per-step train losses [chunk_steps, L]. With
-  `shared_data`, `data_keys` is a single key and every lane sees the same
-  batches, so data-only work is done once rather than once per lane.
+  It scans over `chunk_steps` slots and runs a step of every lane in the
+  first `n_steps` of them (a traced int, so any length up to `chunk_steps`
+  uses the same compiled program; the host ends chunks exactly where it wants
+  to evaluate or checkpoint). Skipped slots cost nothing: their predicate is
+  shared by all lanes, so `lax.cond` stays a real branch under `vmap`. Returns
+  the new state and the per-slot train losses [chunk_steps, L] (NaN in skipped
+  slots). With `shared_data`, `data_keys` is one key and every lane sees the
+  same batches, so data-only work is done once rather than once per lane.
   """
   lane_step = functools.partial(_lane_step, task, optimizer, schedule)
   sample = functools.partial(sample_batch, batch_size=batch_size)
 
-  def chunk(state: LaneState, frozen, train: DataArrays, data_keys):
-    def body(state: LaneState, _):
+  def chunk(state: LaneState, frozen, train: DataArrays, data_keys, n_steps):
+    def step_all(state: LaneState):
       step = state.step
       if shared_data:
         batch, batch_axis = sample(train, data_keys, step), None
@@ -213,7 +218,13 @@ def make_train_chunk(
       )
       return LaneState(*lane, step + 1), loss
 
-    return jax.lax.scan(body, state, length=chunk_steps)
+    def skip(state: LaneState):
+      return state, jnp.full(state.peak_lr.shape, jnp.nan, jnp.float32)
+
+    def body(state: LaneState, slot):
+      return jax.lax.cond(slot < n_steps, step_all, skip, state)
+
+    return jax.lax.scan(body, state, jnp.arange(chunk_steps))
 
   return chunk
 
@@ -321,9 +332,10 @@ def compile_programs(
   start = time.perf_counter()
   init_c = init.lower(init_keys, lanes_f32, lanes_i32).compile()
   state = jax.eval_shape(init, init_keys, lanes_f32, lanes_i32)
+  n_steps = jax.ShapeDtypeStruct((), jnp.int32)
   chunk_c = (
       jax.jit(chunk, donate_argnums=0)
-      .lower(state, frozen, train, data_keys)
+      .lower(state, frozen, train, data_keys, n_steps)
       .compile()
   )
   eval_c = None
@@ -340,3 +352,16 @@ def compile_programs(
       seconds,
   )
   return Programs(task, chunk_steps, init_c, chunk_c, eval_c, seconds)
+
+
+def advance(programs: Programs, state, frozen, train, data_keys, n_steps: int):
+  """Runs `n_steps` steps in chunks; returns (state, losses [n_steps, L])."""
+  rows = []
+  while n_steps > 0:
+    n = min(n_steps, programs.chunk_steps)
+    state, losses = programs.train_chunk(
+        state, frozen, train, data_keys, jnp.int32(n)
+    )
+    rows.append(np.asarray(losses)[:n])
+    n_steps -= n
+  return state, np.concatenate(rows)

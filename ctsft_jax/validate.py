@@ -51,7 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   _positive('data.batch_size', config.data.batch_size)
   _positive('data.seq_len', config.data.seq_len)
   _positive('train.eval_batch', config.train.eval_batch)
-  _positive('train.max_chunk_steps', config.train.max_chunk_steps)
+  _positive('train.chunk_steps', config.train.chunk_steps)
   _positive('budget.anchor_steps', config.budget.anchor_steps)
   _require(
       config.data.seq_len <= m.max_len,

@@ -61,14 +61,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.studies.budget_matched.enabled = True  # K grid at steps(K)
   config.studies.budget_matched.ranks = (2, 4, 8, 16, 32, 64)  # the K grid
   config.studies.budget_multipliers = ml_collections.ConfigDict()
-  config.studies.budget_multipliers.enabled = False  # one K at n x budget
+  config.studies.budget_multipliers.enabled = True  # one K at n x budget
   config.studies.budget_multipliers.rank = 2  # the K that gets more budget
   config.studies.budget_multipliers.multipliers = (1, 2, 4, 8)  # x budget
   config.studies.crossover = ml_collections.ConfigDict()
-  config.studies.crossover.enabled = False  # high K vs low K, equal params
+  config.studies.crossover.enabled = True  # high K vs low K, equal params
   config.studies.crossover.high_rank = 32  # the larger K
   config.studies.crossover.low_rank = 2  # the smaller K, run param-step-equal
   config.studies.crossover.high_steps = (5, 10, 20, 40, 80)  # steps of high K
+  # The budget_matched K grid matched on other budget axes, anchored like
+  # param-steps (anchor K x anchor steps):
+  config.studies.flops_matched = ml_collections.ConfigDict()
+  config.studies.flops_matched.enabled = True  # equal model FLOPs per seed
+  config.studies.wallclock_matched = ml_collections.ConfigDict()
+  config.studies.wallclock_matched.enabled = True  # equal measured seconds
+  config.studies.wallclock_matched.calibration_steps = 20  # timed steps per K
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'stdlib'  # stdlib | jsonl | synthetic
@@ -92,6 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # peak AdamW learning rate of factors
+  # Peak learning rates tried for every K and seed, trained together; each
+  # cell reports the rate with the lowest loss on half of the eval set and
+  # its losses on the other half. Empty: learning_rate alone, fixed for all K.
+  config.optim.lr_grid = ()
   config.optim.schedule = 'constant'  # constant | cosine | linear (decay)
   config.optim.warmup_steps = 0  # linear warmup steps
   config.optim.end_factor = 0.0  # final lr / peak lr for decaying schedules
@@ -102,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.max_grad_norm = 1.0  # global-norm clip; 0 disables
 
   config.train = ml_collections.ConfigDict()
-  config.train.max_chunk_steps = 80  # most steps per compiled scan chunk
+  config.train.chunk_steps = 80  # scan slots per compiled chunk (max steps)
   config.train.eval_batch = 64  # eval rows per forward pass
   config.train.checkpoint_every_chunks = 4  # save run state every n chunks
   config.train.cache_dir = ''  # data/base cache; '' = ~/.cache/ctsft_jax
