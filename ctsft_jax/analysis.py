@@ -46,8 +46,8 @@ CROSS_HIGH_RANK, CROSS_LOW_RANK = 32, 2
 STEP_RTOL = 1e-6
 # Cells whose costs on an axis agree within this fraction share a budget.
 SAME_BUDGET_RTOL = 0.01
-# Upper bound of the fitted exponents alpha and beta; steeper power laws over
-# K in [2, 64] are implausible and only absorb noise.
+# Bound on the size of every fitted exponent; steeper power laws over K in
+# [2, 64] are implausible and only absorb noise.
 MAX_EXPONENT = 4.0
 # Paper 82: K=32 x 40 steps x 1,536,992 params, and its hand-written rule as
 # (lower bound, upper bound, K) in param-steps.
@@ -61,7 +61,21 @@ PAPER_RULE = (
 PARAM_NAMES = {
     'additive': ('E', 'A', 'alpha', 'B', 'beta'),
     'multiplicative': ('E', 'A', 'alpha', 'beta'),
+    'interaction': ('E', 'A', 'alpha', 'B', 'beta', 'gamma'),
 }
+FORMULAS = {
+    'additive': 'E + A*K^-alpha + B*S^-beta',
+    'multiplicative': 'E + A*K^-alpha*S^-beta',
+    'interaction': 'E + A*K^-alpha + B*S^-beta*K^gamma',
+}
+EXPONENTS = ('alpha', 'beta', 'gamma')
+# The interaction form has one parameter more than the additive one that it
+# nests; it is chosen only when its leave-one-out RMSE is lower than the
+# best two-term form's by more than this fraction.
+INTERACTION_MARGIN = 0.05
+# Evaluation budgets of a fit from a generic start and of a refit from a
+# known optimum, per parameter (see `fit_surface`).
+START_EVALS_PER_PARAM, REFIT_EVALS_PER_PARAM = 50, 25
 
 Cells = Sequence[Mapping[str, Any]]
 Points = dict[tuple[int, int], np.ndarray]
@@ -275,6 +289,10 @@ def surface(form: str, params, rank, steps) -> np.ndarray:
   Hoffmann et al. (2022, "Training Compute-Optimal Large Language Models")
   with rank in place of model size and steps in place of tokens.
   `multiplicative` is E + A K^-alpha S^-beta, one term in both.
+  `interaction` is E + A K^-alpha + B S^-beta K^gamma: the additive form
+  whose steps term also scales with K, so that the rate at which steps pay
+  off may depend on K. It is the only form whose best K at a fixed budget
+  can fall as the budget grows (see `verdict_rule_falls`).
   """
   rank = np.asarray(rank, dtype=float)
   steps = np.asarray(steps, dtype=float)
@@ -284,7 +302,46 @@ def surface(form: str, params, rank, steps) -> np.ndarray:
   if form == 'multiplicative':
     e, a, alpha, beta = params
     return e + a * rank**-alpha * steps**-beta
+  if form == 'interaction':
+    e, a, alpha, b, beta, gamma = params
+    return e + a * rank**-alpha + b * steps**-beta * rank**gamma
   raise ValueError(f'form={form!r} is not one of {sorted(PARAM_NAMES)}')
+
+
+def _surface_jacobian(form: str, params, rank, steps) -> np.ndarray:
+  """d surface / d params, shape (n_points, n_params), for least_squares."""
+  log_k, log_s = np.log(rank), np.log(steps)
+  ones = np.ones_like(rank)
+  if form == 'additive':
+    _, a, alpha, b, beta = params
+    k_term, s_term = rank**-alpha, steps**-beta
+    cols = [ones, k_term, -a * k_term * log_k, s_term, -b * s_term * log_s]
+  elif form == 'multiplicative':
+    _, a, alpha, beta = params
+    both = rank**-alpha * steps**-beta
+    cols = [ones, both, -a * both * log_k, -a * both * log_s]
+  else:
+    _, a, alpha, b, beta, gamma = params
+    k_term, s_term = rank**-alpha, steps**-beta * rank**gamma
+    cols = [ones, k_term, -a * k_term * log_k, s_term]
+    cols += [-b * s_term * log_s, b * s_term * log_k]
+  return np.stack(cols, axis=1)
+
+
+def _bounds(form: str) -> tuple[np.ndarray, np.ndarray]:
+  """Lower and upper bounds of each parameter of `form`.
+
+  Every parameter is >= 0 (losses, as cross-entropies, are >= 0 and fall
+  with K and steps) and the exponents are <= `MAX_EXPONENT`, except in the
+  interaction form: there alpha and gamma may be negative, so that the K
+  term may rise with K and the steps term may shrink with K. Without that
+  freedom the form could not express a best K that falls with the budget.
+  """
+  names = PARAM_NAMES[form]
+  signed = ('alpha', 'gamma') if form == 'interaction' else ()
+  lower = np.array([-MAX_EXPONENT if n in signed else 0.0 for n in names])
+  upper = np.array([MAX_EXPONENT if n in EXPONENTS else np.inf for n in names])
+  return lower, upper
 
 
 def _starts(form: str, rank, steps, loss) -> list[np.ndarray]:
@@ -297,9 +354,14 @@ def _starts(form: str, rank, steps, loss) -> list[np.ndarray]:
     for beta in (0.3, 1.0):
       if form == 'additive':
         out.append([e0, spread * k0**alpha, alpha, spread * s0**beta, beta])
-      else:
+      elif form == 'multiplicative':
         out.append([e0, spread * k0**alpha * s0**beta, alpha, beta])
-  return [np.array(x) for x in out]
+      else:
+        # Besides the additive start (gamma = 0), one where K's own term
+        # rises with K and its steps term falls with K.
+        out.append([e0, spread * k0**alpha, alpha, spread * s0**beta, beta, 0])
+        out.append([e0, 0.1 * spread, -alpha, spread * s0**beta, beta, -beta])
+  return [np.array(x, dtype=float) for x in out]
 
 
 def fit_surface(
@@ -308,10 +370,14 @@ def fit_surface(
   """Least-squares fit of `surface(form, ...)` to per-cell mean losses.
 
   Uses the trust-region reflective method of `scipy.optimize.least_squares`
-  (Branch, Coleman & Li, 1999) with every parameter >= 0 (losses, as
-  cross-entropies, are >= 0 and fall with K and steps) and the exponents
-  <= `MAX_EXPONENT`. Cells are weighted equally. Without `x0`, the best of a
+  (Branch, Coleman & Li, 1999) with the analytic Jacobian, within
+  `_bounds(form)`. Cells are weighted equally. Without `x0`, the best of a
   few starts is kept; with it (bootstrap and leave-one-out refits) only `x0`.
+  Each solve stops after `START_EVALS_PER_PARAM` (from a start) or
+  `REFIT_EVALS_PER_PARAM` (from `x0`, next to the optimum) evaluations per
+  parameter: a solve that wanders for longer is moving along a direction
+  the data do not pin down (noisy or degenerate designs), where more
+  evaluations only cost time.
 
   Returns:
     The parameters in the order of `PARAM_NAMES[form]`, or None when there
@@ -321,20 +387,21 @@ def fit_surface(
   names = PARAM_NAMES[form]
   if loss.size <= len(names):
     return None
-  lower = np.zeros(len(names))
-  upper = np.array(
-      [MAX_EXPONENT if n in ('alpha', 'beta') else np.inf for n in names]
-  )
+  lower, upper = _bounds(form)
   starts = (
       [np.asarray(x0)] if x0 is not None else _starts(form, rank, steps, loss)
   )
+  per_param = REFIT_EVALS_PER_PARAM if x0 is not None else START_EVALS_PER_PARAM
+  max_nfev = per_param * len(names)
   best = None
   for start in starts:
     result = optimize.least_squares(
         lambda p: surface(form, p, rank, steps) - loss,
         np.clip(start, lower, upper),
+        jac=lambda p: _surface_jacobian(form, p, rank, steps),
         bounds=(lower, upper),
         x_scale='jac',
+        max_nfev=max_nfev,
     )
     if best is None or result.cost < best.cost:
       best = result
@@ -423,22 +490,29 @@ def fit_form(form: str, points: Points, boot_idx: np.ndarray):
 
 
 def choose_fit(fits: Mapping[str, SurfaceFit | None]) -> SurfaceFit | None:
-  """The fit with the lowest leave-one-out RMSE.
+  """The fit with the lowest leave-one-out RMSE, preferring fewer parameters.
 
-  The in-sample RMSE breaks ties, and decides when no held-out error could
-  be computed.
+  Among the two-term forms the lowest held-out error wins; the in-sample
+  RMSE breaks ties, and decides when no held-out error could be computed.
+  The interaction form replaces that winner only when its held-out RMSE is
+  lower by more than `INTERACTION_MARGIN`: it nests the additive form, so on
+  data without an interaction it fits the noise and is only by chance a
+  little better out of sample.
   """
-  usable = [f for f in fits.values() if f is not None]
-  if not usable:
-    return None
   inf = math.inf
-  return min(
-      usable,
-      key=lambda f: (
-          f.rmse_loo if np.isfinite(f.rmse_loo) else inf,
-          f.rmse_in_sample,
-      ),
-  )
+
+  def key(fit):
+    loo = fit.rmse_loo if np.isfinite(fit.rmse_loo) else inf
+    return (loo, fit.rmse_in_sample)
+
+  simple = [f for n, f in fits.items() if f is not None and n != 'interaction']
+  best = min(simple, key=key) if simple else None
+  rich = fits.get('interaction')
+  if rich is None or not np.isfinite(rich.rmse_loo):
+    return best
+  if best is None or rich.rmse_loo < (1 - INTERACTION_MARGIN) * key(best)[0]:
+    return rich
+  return best
 
 
 def _fit_report(fit: SurfaceFit | None) -> dict | None:
@@ -455,10 +529,7 @@ def _fit_report(fit: SurfaceFit | None) -> dict | None:
       entry['ci95'] = [float(q) for q in np.quantile(boot, [tail, 1 - tail])]
     params[name] = entry
   return {
-      'formula': {
-          'additive': 'E + A*K^-alpha + B*S^-beta',
-          'multiplicative': 'E + A*K^-alpha*S^-beta',
-      }[fit.form],
+      'formula': FORMULAS[fit.form],
       'params': params,
       'rmse_in_sample': fit.rmse_in_sample,
       'rmse_loo': fit.rmse_loo,
@@ -539,14 +610,16 @@ def budget_grid(points: Points, cost: Mapping[int, float], n: int = 121):
   return np.geomspace(min(spent) / 2, max(spent) * 2, n)
 
 
-def measured_best(
-    points: Points, cost: Mapping[int, float], axis: str, *, n_boot, seed
-) -> list[dict]:
-  """Budgets where >= 2 K's were measured at (nearly) the same cost.
+def same_budget_groups(points: Points, cost: Mapping[int, float]) -> list[dict]:
+  """Budgets on one axis at which two or more K's were measured.
 
-  Cells are grouped when their cost on `axis` lies within `SAME_BUDGET_RTOL`
-  of the cheapest cell of the group; the lowest mean loss names the measured
-  best K, and it is compared, paired, with the runner-up.
+  Cells are grouped when their cost lies within `SAME_BUDGET_RTOL` of the
+  cheapest cell of the group; a K measured twice in one group keeps its
+  cheaper cell.
+
+  Returns:
+    [{'budget': geometric mean of the group's costs, 'steps': {K: steps}}],
+    by ascending budget.
   """
   entries = sorted(
       (cost[k] * s, k, s)
@@ -562,19 +635,33 @@ def measured_best(
   out = []
   for group in groups:
     by_rank = {}
-    for spent, k, s in group:
-      by_rank.setdefault(k, (spent, s))
-    if len(by_rank) < 2:
-      continue
+    for _, k, s in group:
+      by_rank.setdefault(k, s)
+    if len(by_rank) >= 2:
+      budget = float(np.exp(np.mean([np.log(e[0]) for e in group])))
+      out.append({'budget': budget, 'steps': dict(sorted(by_rank.items()))})
+  return out
+
+
+def measured_best(
+    points: Points, cost: Mapping[int, float], axis: str, *, n_boot, seed
+) -> list[dict]:
+  """Budgets where >= 2 K's were measured at (nearly) the same cost.
+
+  For each of `same_budget_groups`, the lowest mean loss names the measured
+  best K, and it is compared, paired, with the runner-up.
+  """
+  out = []
+  for group in same_budget_groups(points, cost):
     losses = [
         {'K': k, 'steps': s, 'mean': float(np.nanmean(points[(k, s)]))}
-        for k, (_, s) in sorted(by_rank.items())
+        for k, s in group['steps'].items()
     ]
     first, second = sorted(losses, key=lambda r: r['mean'])[:2]
     out.append(
         {
             'axis': axis,
-            'budget': float(np.exp(np.mean([np.log(e[0]) for e in group]))),
+            'budget': group['budget'],
             'best_K': first['K'],
             'losses': losses,
             'best_vs_runner_up': paired(
@@ -586,6 +673,147 @@ def measured_best(
         }
     )
   return out
+
+
+def _trend_series(points, cost, anchor, *, n_boot, seed) -> list[dict]:
+  """Per pair of K's measured together at >= 2 budgets, its paired points."""
+  series = {}
+  for group in same_budget_groups(points, cost):
+    ranks = list(group['steps'])
+    for i, small in enumerate(ranks):
+      for large in ranks[i + 1 :]:
+        values_small = points[(small, group['steps'][small])]
+        values_large = points[(large, group['steps'][large])]
+        series.setdefault((small, large), []).append(
+            {
+                'budget': group['budget'],
+                'x_anchor': group['budget'] / anchor if anchor else None,
+                'steps_small': group['steps'][small],
+                'steps_large': group['steps'][large],
+                'advantage': paired(
+                    values_small, values_large, n_boot=n_boot, seed=seed
+                ),
+                'values': values_small - values_large,
+            }
+        )
+  return [
+      {'K_small': small, 'K_large': large, 'points': rows}
+      for (small, large), rows in sorted(series.items())
+      if len(rows) >= 2
+  ]
+
+
+def _seed_slopes(series: list[dict]) -> np.ndarray:
+  """Each seed's OLS slope of advantage on log2(budget), one per K pair.
+
+  The pairs share the slope and keep their own intercepts (each pair is
+  centred on its own means), so a pair whose advantage is large throughout
+  does not tilt the slope. Observations a seed lacks are left out; a seed
+  with no pair measured at two budgets gets NaN.
+  """
+  n_seeds = series[0]['points'][0]['values'].size
+  num, den = np.zeros(n_seeds), np.zeros(n_seeds)
+  for entry in series:
+    x = np.log2([p['budget'] for p in entry['points']])
+    y = np.stack([p['values'] for p in entry['points']])  # (n_budgets, S)
+    finite = np.isfinite(y)
+    count = finite.sum(axis=0)
+    x_all = np.broadcast_to(x[:, None], y.shape)
+    with np.errstate(invalid='ignore', divide='ignore'):
+      x_mean = np.where(finite, x_all, 0).sum(0) / np.maximum(count, 1)
+      y_mean = np.where(finite, y, 0).sum(0) / np.maximum(count, 1)
+    xc = np.where(finite, x_all - x_mean, 0.0)
+    yc = np.where(finite, y - y_mean, 0.0)
+    use = count >= 2
+    num += np.where(use, (xc * yc).sum(0), 0.0)
+    den += np.where(use, (xc * xc).sum(0), 0.0)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _first_flip(series: list[dict], sign: int) -> dict | None:
+  """The first pair whose mean advantage has sign `sign`, then -`sign`.
+
+  sign=+1 finds the larger K winning at a budget and losing at a larger
+  one (the best K falls); sign=-1 the reverse.
+  """
+  for entry in series:
+    means = [p['advantage']['mean_diff'] for p in entry['points']]
+    for i, before in enumerate(means):
+      if not sign * before > 0:
+        continue
+      for j in range(i + 1, len(means)):
+        if sign * means[j] < 0:
+          return {
+              'K_small': entry['K_small'],
+              'K_large': entry['K_large'],
+              'from_budget': entry['points'][i]['budget'],
+              'to_budget': entry['points'][j]['budget'],
+          }
+  return None
+
+
+def budget_trend(
+    points: Points,
+    cost: Mapping[int, float],
+    anchor: float | None,
+    boot_idx: np.ndarray,
+    *,
+    axis: str = 'param_steps',
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict | None:
+  """How the larger K's measured advantage changes as the budget grows.
+
+  Model-free: it uses only pairs of K's measured at the same budget on
+  `axis` (`same_budget_groups`), such as the crossover study's K=32 at s
+  steps against K=2 at 16 s. A pair's advantage at a budget is the paired
+  difference L(smaller K) - L(larger K): positive where the larger K wins.
+  Each seed's slope of that advantage against log2(budget) comes from
+  `_seed_slopes`; the slope's mean has a Student t interval over seeds and a
+  two-sided one-sample t test against 0, and `prob_negative` is the share of
+  seed resamples (`boot_idx`) whose mean slope is below zero. A negative
+  slope means the smaller K gains as the budget grows. `flips` names where
+  the sign of a pair's mean advantage actually changes with the budget.
+
+  Returns:
+    {'axis', 'anchor', 'series', 'slope', 'seed_slopes', 'flips'}, or None
+    when no pair of K's was measured together at two or more budgets.
+  """
+  series = _trend_series(points, cost, anchor, n_boot=n_boot, seed=seed)
+  if not series:
+    return None
+  slopes = _seed_slopes(series)
+  summary = mean_ci(slopes)
+  finite = slopes[np.isfinite(slopes)]
+  p = math.nan
+  if finite.size >= 2:
+    sd = finite.std(ddof=1)
+    p = 1.0 if sd == 0 and summary['mean'] == 0 else 0.0
+    if sd > 0:
+      t_stat = abs(summary['mean']) / (sd / finite.size**0.5)
+      p = float(2 * stats.t.sf(t_stat, finite.size - 1))
+  prob = math.nan
+  if boot_idx.size and finite.size:
+    boot = _row_means(slopes[boot_idx])
+    boot = boot[np.isfinite(boot)]
+    if boot.size:
+      prob = float(np.mean(boot < 0) + 0.5 * np.mean(boot == 0))
+  summary.update(p=p, prob_negative=prob, unit='per doubling of the budget')
+  for entry in series:
+    for row in entry['points']:
+      del row['values']
+  return {
+      'axis': axis,
+      'anchor': anchor,
+      'series': series,
+      'slope': summary,
+      'seed_slopes': slopes,
+      'flips': {
+          'falls': _first_flip(series, 1),
+          'rises': _first_flip(series, -1),
+      },
+  }
 
 
 def paper_k(multiple_of_anchor: float) -> int:
@@ -687,7 +915,7 @@ def rule_section(points, fit, costs, budget, *, n_boot, seed):
 
 
 def _crossover_pairs(cells: Cells, metric: str) -> list[tuple]:
-  """(s, K=32 values, K=2 values, K=2 steps) for each complete pair s."""
+  """(s, K=32 values, K=2 values, K=2 steps, param-steps) per full pair s."""
   by_pair = {}
   for cell in cells:
     if cell['study'] == 'crossover' and 'pair' in cell:
@@ -695,13 +923,14 @@ def _crossover_pairs(cells: Cells, metric: str) -> list[tuple]:
   out = []
   for s, by_rank in sorted(by_pair.items()):
     if CROSS_HIGH_RANK in by_rank and CROSS_LOW_RANK in by_rank:
-      low = by_rank[CROSS_LOW_RANK]
+      high, low = by_rank[CROSS_HIGH_RANK], by_rank[CROSS_LOW_RANK]
       out.append(
           (
               s,
-              seed_values(by_rank[CROSS_HIGH_RANK], metric),
+              seed_values(high, metric),
               seed_values(low, metric),
               int(low['steps']),
+              high.get('param_steps'),
           )
       )
   return out
@@ -741,15 +970,19 @@ def crossover_section(cells, metric, boot_idx, *, n_boot, seed):
   if not pairs:
     return None
   rows, first_win = [], None
-  for s, high, low, low_steps in pairs:
+  for s, high, low, low_steps, param_steps in pairs:
     cmp = paired(high, low, n_boot=n_boot, seed=seed)
+    high_ci, low_ci = mean_ci(high), mean_ci(low)
     rows.append(
         {
             'pair': s,
             'steps_K32': s,
             'steps_K2': low_steps,
-            'mean_K32': mean_ci(high)['mean'],
-            'mean_K2': mean_ci(low)['mean'],
+            'param_steps': param_steps,
+            'mean_K32': high_ci['mean'],
+            'ci95_K32': high_ci['ci95'],
+            'mean_K2': low_ci['mean'],
+            'ci95_K2': low_ci['ci95'],
             'diff': cmp['mean_diff'],
             'ci95': cmp['ci95'],
             'p': cmp['p'],
@@ -847,6 +1080,39 @@ def verdict_crossover(cross: Mapping[str, Any] | None) -> dict:
   return _verdict(claim, verdict, text, min(at10['n'], at20['n']))
 
 
+def multipliers_section(cells, points, budget, metric, *, n_boot, seed):
+  """The budget-multiplier cells against the anchor cell, paired.
+
+  Returns:
+    One row per budget_multipliers cell, by multiplier: {'K', 'multiplier',
+    'steps', 'loss': mean_ci, 'vs_anchor': paired(cell, anchor)} where the
+    anchor is K=anchor_K at anchor_steps; None when the study is absent.
+  """
+  chosen = [c for c in cells if c['study'] == 'budget_multipliers']
+  if not chosen:
+    return None
+  anchor = points.get((budget['anchor_K'], budget['anchor_steps']))
+  rows = []
+  for cell in sorted(chosen, key=lambda c: float(c.get('multiplier', 0))):
+    values = seed_values(cell, metric)
+    vs_anchor = paired(
+        values,
+        anchor if anchor is not None else np.full(values.size, np.nan),
+        n_boot=n_boot,
+        seed=seed,
+    )
+    rows.append(
+        {
+            'K': int(cell['K']),
+            'multiplier': cell.get('multiplier'),
+            'steps': int(cell['steps']),
+            'loss': mean_ci(values),
+            'vs_anchor': vs_anchor,
+        }
+    )
+  return rows
+
+
 def verdict_multiplier(cells, points, budget, metric, *, n_boot, seed):
   """Claim 3: K=2 at 4x the budget beats K=32 at the anchor.
 
@@ -909,34 +1175,28 @@ def verdict_k64(matched: Mapping[int, np.ndarray], *, n_boot, seed) -> dict:
   return _verdict(claim, verdict, text, min(c['n'] for c in cmps.values()))
 
 
-def verdict_rule_falls(
-    fit: SurfaceFit | None, context: _RuleContext, n_seeds: int
-) -> dict:
-  """Claim 5: the optimal K falls as the budget grows (param_steps axis).
+def fit_rule_view(fit: SurfaceFit | None, context: _RuleContext) -> dict:
+  """What the chosen fit says about claim 5 (param_steps axis).
 
-  From the chosen fit's rule: the best K at the smallest and the largest
-  grid budget. On each bootstrap refit, the best-K sequence over the grid
-  "falls" when it never rises and ends lower, and "rises" when it never
-  falls and ends higher. Confirmed when the point estimate ends lower and
-  P(falls) >= 0.95; refuted when P(rises) >= 0.95; else inconclusive.
+  The best K at the smallest and the largest grid budget, and, over the
+  bootstrap refits, the share whose best-K sequence over the grid "falls"
+  (never rises and ends lower) or "rises" (never falls and ends higher).
 
-  NOTE: neither fitted form can make the best K fall, on any axis whose cost
-  per step grows with K. In the additive form the budget only scales the
-  steps term, whose weight in K grows with K, so the optimum moves up (as
-  budget^(beta / (alpha + beta)) when cost is linear in K); in the
-  multiplicative form the budget is a common factor, so the best K is the
-  same at every budget. Under these forms this claim can be refuted or left
-  inconclusive but never confirmed; confirming it needs a surface with a
-  K-steps interaction.
+  NOTE: the additive and multiplicative forms cannot make the best K fall on
+  any axis whose cost per step grows with K: in the additive form the
+  budget only scales the steps term, whose weight grows with K, so the
+  optimum moves up (as budget^(beta / (alpha + beta)) when cost is linear
+  in K); in the multiplicative form the budget is a common factor, so the
+  best K is the same at every budget. The interaction form can (with cost
+  linear in K, only when alpha < 0 and gamma < -beta), which is why this
+  view is supporting evidence and the verdict rests on measured pairs.
   """
-  claim = 'The optimal K falls as the budget grows (param_steps axis)'
   if fit is None or context.grid is None:
-    return _verdict(
-        claim,
-        INCONCLUSIVE,
-        'no fit: too few cells, or K * steps constant in all of them',
-        0,
-    )
+    return {
+        'form': None,
+        'text': 'no fit (too few cells, or K * steps'
+        ' constant in all of them)',
+    }
   grid, ranks, cost = context
 
   def best_of(params):
@@ -951,18 +1211,94 @@ def verdict_rule_falls(
     rises.append(np.all(changes >= 0) and changes.sum() > 0)
   p_falls = float(np.mean(falls)) if falls else math.nan
   p_rises = float(np.mean(rises)) if rises else math.nan
-  if point[-1] < point[0] and p_falls >= CONFIDENCE:
-    verdict = CONFIRMED
-  elif p_rises >= CONFIDENCE:
-    verdict = REFUTED
-  else:
-    verdict = INCONCLUSIVE
   text = (
       f'{fit.form} fit: best K={point[0]} at {grid[0]:.3g} -> K={point[-1]}'
       f' at {grid[-1]:.3g} param-steps; bootstrap P(falls)={p_falls:.2f},'
       f' P(rises)={p_rises:.2f} over {len(falls)} refits'
   )
-  return _verdict(claim, verdict, text, n_seeds)
+  return {
+      'form': fit.form,
+      'best_K_low': int(point[0]),
+      'best_K_high': int(point[-1]),
+      'prob_falls': p_falls,
+      'prob_rises': p_rises,
+      'text': text,
+  }
+
+
+def _trend_text(trend: Mapping[str, Any]) -> str:
+  """The slope, and the longest pair's advantage at its end budgets."""
+  slope = trend['slope']
+  lo, hi = slope['ci95']
+  text = (
+      f'slope of L(small K)-L(large K) per doubling of param-steps'
+      f' {slope["mean"]:+.4f} [{lo:+.4f}, {hi:+.4f}], p={slope["p"]:.2g},'
+      f' P(slope<0)={slope["prob_negative"]:.2f}, n={slope["n"]}'
+  )
+  longest = max(trend['series'], key=lambda e: len(e['points']))
+  first, last = longest['points'][0], longest['points'][-1]
+
+  def at(row):
+    adv = row['advantage']
+    where = (
+        f'{row["x_anchor"]:.3g}x' if row['x_anchor'] else f'{row["budget"]:.3g}'
+    )
+    lo, hi = adv['ci95']
+    return f'{adv["mean_diff"]:+.4f} [{lo:+.4f}, {hi:+.4f}] at {where}'
+
+  text += (
+      f'; K={longest["K_small"]} vs K={longest["K_large"]} at'
+      f' {len(longest["points"])} budgets: {at(first)} -> {at(last)}'
+  )
+  flip = trend['flips']['falls']
+  if flip:
+    text += (
+        f'; larger K wins then loses (K={flip["K_small"]} vs'
+        f' K={flip["K_large"]}, {flip["from_budget"]:.3g} ->'
+        f' {flip["to_budget"]:.3g})'
+    )
+  else:
+    text += (
+        '; no pair goes from the larger K winning to the smaller K winning'
+        ' in the measured range'
+    )
+  return text
+
+
+def verdict_rule_falls(
+    trend: Mapping[str, Any] | None, fit_view: Mapping[str, Any]
+) -> dict:
+  """Claim 5: the optimal K falls as the budget grows (param_steps axis).
+
+  Decided from measured pairs alone (`budget_trend`): confirmed when the
+  larger K's paired advantage has a slope against log budget whose 95%
+  interval lies below zero AND some pair's mean advantage actually turns
+  from the larger K to the smaller K within the measured budgets; refuted
+  when the slope's interval lies above zero (the larger K gains as the
+  budget grows); otherwise inconclusive. The fitted surface's view
+  (`fit_rule_view`) is appended to the statistic as supporting evidence;
+  it does not decide.
+  """
+  claim = 'The optimal K falls as the budget grows (param_steps axis)'
+  support = f'fit view: {fit_view["text"]}'
+  if trend is None or trend['slope']['n'] < 2:
+    n = trend['slope']['n'] if trend else 0
+    return _verdict(
+        claim,
+        INCONCLUSIVE,
+        "not run: no two K's measured at equal param-steps at two or more"
+        f' budgets with two usable seeds; {support}',
+        n,
+    )
+  lo, hi = trend['slope']['ci95']
+  if hi < 0 and trend['flips']['falls']:
+    verdict = CONFIRMED
+  elif lo > 0:
+    verdict = REFUTED
+  else:
+    verdict = INCONCLUSIVE
+  text = f'{_trend_text(trend)}; {support}'
+  return _verdict(claim, verdict, text, trend['slope']['n'])
 
 
 def _study_values(cells: Cells, study: str, metric: str) -> dict:
@@ -992,6 +1328,43 @@ def _jsonable(obj):
   return obj
 
 
+def cost_per_step_of(results: Mapping[str, Any]) -> dict:
+  """The cost_per_step that `analyze` takes, from a results.json.
+
+  The one the analysis saved, when there is one. Otherwise trainable params per K come from the cells, FLOPs per step from
+  `timing.flops_per_step`, and seconds per step from the calibrated timing,
+  or the measured one when no calibration ran, as the sweep does. Lets a
+  notebook rerun `analyze` on a saved sweep.
+  """
+  saved = results.get('cost_per_step') or (results.get('analysis') or {}).get(
+      'cost_per_step'
+  )
+  if saved:
+    return {
+        axis: {int(k): float(v) for k, v in cost.items()}
+        for axis, cost in saved.items()
+    }
+  timing = results.get('timing') or {}
+  costs = {
+      'param_steps': {
+          int(c['K']): c['trainable_params']
+          for c in results.get('cells', [])
+          if 'trainable_params' in c
+      }
+  }
+  if timing.get('flops_per_step'):
+    costs['flops'] = timing['flops_per_step']
+  seconds = timing.get('seconds_per_step_calibrated') or timing.get(
+      'seconds_per_step_measured'
+  )
+  if seconds:
+    costs['wall_s'] = seconds
+  return {
+      axis: {int(k): float(v) for k, v in cost.items()}
+      for axis, cost in costs.items()
+  }
+
+
 def analyze(
     cells: Cells,
     budget: Mapping[str, Any],
@@ -999,6 +1372,7 @@ def analyze(
     *,
     metric: str = 'final_eval_loss',
     n_boot: int = 2000,
+    n_boot_fit: int = 500,
     seed: int = 0,
 ) -> dict:
   """Every statistic of a finished sweep, ready for `json.dumps`.
@@ -1008,12 +1382,18 @@ def analyze(
     budget: {'param_steps', 'anchor_K', 'anchor_steps'}.
     cost_per_step: axis -> {K: cost of one step on that axis}.
     metric: the per-seed value that the curves, fits and verdicts use.
-    n_boot: bootstrap replicates, for paired tests, fits and the first win.
+    n_boot: bootstrap replicates, for paired tests, the trend of claim 5
+      and the first win.
+    n_boot_fit: surface refits on seed resamples, per form: the first
+      min(n_boot, n_boot_fit) of the same resamples. Each refit is a
+      least-squares solve (milliseconds, where a paired replicate costs
+      microseconds); 500 pin a 95% percentile interval down well enough.
     seed: seed of every bootstrap.
 
   Returns:
-    {'metric', 'n_seeds', 'budget', 'tables', 'axes', 'fit', 'rule',
-     'crossover', 'verdicts'}. The verdicts are five separate tests at the
+    {'metric', 'confidence', 'n_seeds', 'budget', 'cost_per_step',
+     'tables', 'axes', 'fit', 'rule', 'crossover', 'multipliers',
+     'budget_trend', 'verdicts'}. The verdicts are five separate tests at the
     95% level with no multiplicity correction.
   """
   n_seeds = count_seeds(cells, metric)
@@ -1024,21 +1404,27 @@ def analyze(
   points = collect_points(cells, metric)
   rng = np.random.default_rng([seed, 1])
   boot_idx = rng.integers(0, max(n_seeds, 1), size=(n_boot, n_seeds))
-  fits = {form: fit_form(form, points, boot_idx) for form in PARAM_NAMES}
+  fit_idx = boot_idx[: max(0, min(n_boot, n_boot_fit))]
+  fits = {form: fit_form(form, points, fit_idx) for form in PARAM_NAMES}
   chosen = choose_fit(fits)
-  rule, context = rule_section(
-      points, chosen, costs, budget, n_boot=n_boot, seed=seed
-  )
-  cross = crossover_section(cells, metric, boot_idx, n_boot=n_boot, seed=seed)
+  boot = {'n_boot': n_boot, 'seed': seed}
+  rule, context = rule_section(points, chosen, costs, budget, **boot)
+  rule['fit_view'] = fit_rule_view(chosen, context)
+  cross = crossover_section(cells, metric, boot_idx, **boot)
   matched = _study_values(cells, 'budget_matched', metric)
   anchor = (budget['anchor_K'], budget['anchor_steps'])
-  boot = {'n_boot': n_boot, 'seed': seed}
+  trend = None
+  param_cost = costs.get('param_steps', {})
+  if param_cost:
+    anchor_cost = param_cost.get(anchor[0])
+    anchor_budget = anchor_cost * anchor[1] if anchor_cost else None
+    trend = budget_trend(points, param_cost, anchor_budget, boot_idx, **boot)
   verdicts = [
       verdict_dip(matched, **boot),
       verdict_crossover(cross),
       verdict_multiplier(cells, points, budget, metric, **boot),
       verdict_k64(matched, **boot),
-      verdict_rule_falls(chosen, context, n_seeds),
+      verdict_rule_falls(trend, rule['fit_view']),
   ]
   fit_json = {form: _fit_report(f) for form, f in fits.items()}
   fit_json['chosen'] = chosen.form if chosen else None
@@ -1048,6 +1434,9 @@ def analyze(
           'confidence': CONFIDENCE,
           'n_seeds': n_seeds,
           'budget': dict(budget),
+          'cost_per_step': {
+              a: {str(k): v for k, v in c.items()} for a, c in costs.items()
+          },
           'tables': tables(cells),
           'axes': {
               a: budget_curve(points, c, *anchor) for a, c in costs.items()
@@ -1055,6 +1444,10 @@ def analyze(
           'fit': fit_json if chosen else None,
           'rule': rule,
           'crossover': cross,
+          'multipliers': multipliers_section(
+              cells, points, budget, metric, **boot
+          ),
+          'budget_trend': trend,
           'verdicts': verdicts,
       }
   )

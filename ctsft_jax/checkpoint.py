@@ -79,6 +79,9 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
   def save(self, step: int, state: PyTree, progress: dict) -> None:
     """Saves asynchronously; `wait` (or `close`) makes it durable."""
     self._manager.save(

@@ -8,8 +8,10 @@ from absl import logging
 import jax
 
 from ctsft_jax import errors
+from ctsft_jax import preemption
 
 USER_ERROR_EXIT = 2  # a bad flag, config value or input file
+# preemption.PREEMPTED_EXIT (75): stopped by SIGTERM after a checkpoint.
 
 
 def log_start(config) -> None:
@@ -52,5 +54,9 @@ def run(main) -> None:
       sys.stderr.write(f'error: {e}\n')
       sys.stderr.flush()
       sys.exit(USER_ERROR_EXIT)
+    except preemption.Preempted as e:
+      sys.stderr.write(f'preempted: {e}\n')
+      sys.stderr.flush()
+      sys.exit(preemption.PREEMPTED_EXIT)
 
   app.run(guarded)

@@ -18,9 +18,17 @@ Sources (`data.source`):
   jsonl      a file of {"prompt": ..., "response": ...} objects, one a line.
   synthetic  reverse a short random string; a tiny model learns it in about a
              hundred steps, which makes it the source for fast tests.
+  hf:<name>  a Hugging Face dataset, a `save_to_disk` directory or a data
+             file, read by `hf_data` (optional extra `hf`); split by the hash
+             of each example like jsonl.
 
-Nothing is downloaded. Packed arrays are cached as `.npz` files (never
-pickles) under `{cache_dir}/data/`.
+Nothing is downloaded, except by an `hf:` source naming a Hub dataset.
+Packed arrays are cached as `.npz` files (never pickles) under
+`{cache_dir}/data/`.
+
+`data.tokenizer='bpe'` replaces the byte tokenizer by a byte-level BPE that
+`bpe` trains on the training split (optional extra `bpe`); it is cached next
+to the arrays and the dataset info reports its `vocab_size`.
 """
 
 import ast
@@ -41,7 +49,9 @@ import zipfile
 from absl import logging
 import numpy as np
 
+from ctsft_jax import bpe
 from ctsft_jax import errors
+from ctsft_jax import hf_data
 
 # Token ids: bytes are 0..255, then four special tokens.
 PAD = 256
@@ -52,7 +62,8 @@ VOCAB_SIZE = 260
 
 # Bump when packing or extraction changes, so that old cache files are unused.
 FORMAT_VERSION = 1
-SOURCES = ('stdlib', 'synthetic', 'jsonl')
+SOURCES = ('stdlib', 'synthetic', 'jsonl')  # and 'hf:<dataset>'
+TOKENIZERS = ('bytes', 'bpe')
 # Stdlib functions with a docstring are used alone if there are this many;
 # otherwise functions without one join them (prompt = the header alone).
 MIN_DOCSTRING_EXAMPLES = 4000
@@ -104,6 +115,9 @@ class _SftSettings:
   eval_fraction: float
   max_eval_examples: int
   synthetic_examples: int
+  tokenizer: str = 'bytes'  # 'bytes' or 'bpe'
+  bpe_vocab_size: int = 0  # most ids of the BPE, specials included
+  hf: hf_data.HfSettings | None = None  # for an 'hf:' source
 
 
 def encode(text: str) -> list[int]:
@@ -118,7 +132,11 @@ def decode(ids) -> str:
 
 
 def pack(
-    examples: list[tuple[str, str]], *, seq_len: int, max_prompt_tokens: int
+    examples: list[tuple[str, str]],
+    *,
+    seq_len: int,
+    max_prompt_tokens: int,
+    tokenizer: bpe.BpeTokenizer | None = None,
 ) -> Split:
   """Packs (prompt, response) pairs into rows of `seq_len` tokens.
 
@@ -128,7 +146,8 @@ def pack(
   Args:
     examples: (prompt, response) pairs.
     seq_len: tokens per row, T.
-    max_prompt_tokens: prompt bytes kept, counted from the start.
+    max_prompt_tokens: prompt tokens kept, counted from the start.
+    tokenizer: a BPE tokenizer (with its own special ids); None packs bytes.
 
   Returns:
     A Split whose weights are 1.0 exactly on response and final EOS targets.
@@ -138,13 +157,21 @@ def pack(
         f'seq_len={seq_len}, max_prompt_tokens={max_prompt_tokens}; expected'
         ' seq_len >= 1 and max_prompt_tokens >= 0'
     )
-  rows = np.full((len(examples), seq_len + 1), PAD, np.int32)
+  pad, bos, sep, eos = PAD, BOS, SEP, EOS
+  if tokenizer is not None:
+    pad, bos, sep, eos = (
+        tokenizer.pad,
+        tokenizer.bos,
+        tokenizer.sep,
+        tokenizer.eos,
+    )
+  rows = np.full((len(examples), seq_len + 1), pad, np.int32)
   weights = np.zeros((len(examples), seq_len), np.float32)
   kept = 0
   for prompt, response in examples:
-    prompt_ids = list(prompt.encode('utf-8')[:max_prompt_tokens])
-    response_ids = list(response.encode('utf-8')[:seq_len])
-    sequence = [BOS, *prompt_ids, SEP, *response_ids, EOS][: seq_len + 1]
+    prompt_ids = _token_prefix(prompt, max_prompt_tokens, tokenizer)
+    response_ids = _token_prefix(response, seq_len, tokenizer)
+    sequence = [bos, *prompt_ids, sep, *response_ids, eos][: seq_len + 1]
     first_response = len(prompt_ids) + 2  # Index in `sequence`.
     if first_response >= len(sequence):
       continue
@@ -157,6 +184,13 @@ def pack(
       targets=rows[:kept, 1:].copy(),
       weights=weights[:kept],
   )
+
+
+def _token_prefix(text: str, n: int, tokenizer) -> list[int]:
+  """The first `n` token ids of `text`: bytes, or BPE pieces."""
+  if tokenizer is None:
+    return list(text.encode('utf-8')[:n])
+  return tokenizer.encode(text)[:n]
 
 
 def synthetic_examples(n: int, *, seed: int) -> list[tuple[str, str]]:
@@ -384,10 +418,17 @@ def load_sft(data_config, *, cache_dir: str | None) -> Dataset:
   the hash of that JSON and cut to `data.max_eval_examples` rows, so eval is
   the same fixed set on every run.
 
+  With `data.tokenizer='bpe'`, a BPE tokenizer is trained on the train
+  examples (after the split) and cached as `{cache_dir}/data/bpe-*.json`,
+  keyed by the train text's source and `data.bpe_vocab_size` only, so other
+  seq_len or eval sizes reuse it. `info['tokenizer_file']` names it.
+
   Args:
     data_config: a ConfigDict with the keys `source`, `path`, `seq_len`,
       `max_prompt_tokens`, `eval_fraction`, `max_eval_examples` and
-      `synthetic_examples`; other keys are ignored.
+      `synthetic_examples`, and optionally `tokenizer`, `bpe_vocab_size` and
+      (for an `hf:` source) `hf_split`, `hf_prompt_field`,
+      `hf_response_field`, `hf_subset`; other keys are ignored.
     cache_dir: the packed arrays are cached under `{cache_dir}/data/`; None
       builds them afresh and writes nothing.
 
@@ -400,14 +441,20 @@ def load_sft(data_config, *, cache_dir: str | None) -> Dataset:
       examples.
   """
   settings = _sft_settings(data_config)
-  path = _cache_path(cache_dir, 'sft', _sft_cache_fields(settings))
+  fields = _sft_cache_fields(settings)
+  path = _cache_path(cache_dir, 'sft', fields)
   if path is not None:
     dataset = _load_sft_cache(path)
     if dataset is not None:
       logging.info('Loaded SFT data from %s: %s', path, _summary(dataset))
       return dataset
   start = time.perf_counter()
-  dataset = _build_sft(settings)
+  tokenizer_path = None
+  if settings.tokenizer == 'bpe':
+    tokenizer_path = _cache_path(
+        cache_dir, 'bpe', _bpe_cache_fields(fields), suffix='.json'
+    )
+  dataset = _build_sft(settings, tokenizer_path)
   dataset.info['build_seconds'] = round(time.perf_counter() - start, 3)
   dataset.info['cache_file'] = path or ''
   if path is not None:
@@ -418,6 +465,17 @@ def load_sft(data_config, *, cache_dir: str | None) -> Dataset:
       _summary(dataset),
   )
   return dataset
+
+
+def check_model_vocab(vocab_size: int, info: dict) -> None:
+  """Raises a UserError if `model.vocab_size` cannot hold the data's ids."""
+  needed = info.get('vocab_size', VOCAB_SIZE)
+  if vocab_size < needed:
+    raise errors.UserError(
+        f'model.vocab_size={vocab_size} is below the {needed} token ids of the'
+        f" data's {info.get('tokenizer', 'bytes')} tokenizer; set"
+        f' model.vocab_size={needed} or more'
+    )
 
 
 def _summary(dataset: Dataset) -> str:
@@ -462,9 +520,10 @@ def _check_fraction(name: str, value) -> float:
 def _sft_settings(data_config) -> _SftSettings:
   """Reads and validates the keys `load_sft` uses."""
   source = _config_value(data_config, 'source', 'stdlib')
-  if source not in SOURCES:
+  if source not in SOURCES and not hf_data.is_hf_source(source):
     raise errors.UserError(
-        f'data.source={source!r}; expected one of {", ".join(SOURCES)}'
+        f'data.source={source!r}; expected one of {", ".join(SOURCES)} or'
+        " 'hf:<dataset>'"
     )
   path = _config_value(data_config, 'path', '') or ''
   if source == 'jsonl' and not path:
@@ -482,6 +541,9 @@ def _sft_settings(data_config) -> _SftSettings:
         f'data.max_prompt_tokens={max_prompt_tokens} leaves no room for a'
         f' response in data.seq_len={seq_len}; expected at most {seq_len - 2}'
     )
+  hf = None
+  if hf_data.is_hf_source(source):
+    hf = hf_data.settings(data_config)
   synthetic = 0
   if source == 'synthetic':
     synthetic = _check_int(
@@ -503,6 +565,23 @@ def _sft_settings(data_config) -> _SftSettings:
           0,
       ),
       synthetic_examples=synthetic,
+      **_tokenizer_settings(data_config),
+      hf=hf,
+  )
+
+
+def _tokenizer_settings(data_config) -> dict:
+  """`tokenizer` and `bpe_vocab_size`, checked; bytes when unset."""
+  tokenizer = _config_value(data_config, 'tokenizer', 'bytes')
+  if tokenizer not in TOKENIZERS:
+    raise errors.UserError(
+        f'data.tokenizer={tokenizer!r}; expected one of {", ".join(TOKENIZERS)}'
+    )
+  if tokenizer == 'bytes':
+    return dict(tokenizer=tokenizer)
+  vocab_size = _config_value(data_config, 'bpe_vocab_size')
+  return dict(
+      tokenizer=tokenizer, bpe_vocab_size=bpe.check_vocab_size(vocab_size)
   )
 
 
@@ -523,11 +602,26 @@ def _sft_cache_fields(settings: _SftSettings) -> dict:
   elif settings.source == 'synthetic':
     fields['synthetic_examples'] = settings.synthetic_examples
     fields['synthetic_seed'] = SYNTHETIC_SEED
+  elif settings.hf is not None:
+    fields.update(hf_data.cache_fields(settings.hf))
   else:
     fields['python_version'] = platform.python_version()
     fields['stdlib_root'] = stdlib_root()
     fields['min_docstring_examples'] = MIN_DOCSTRING_EXAMPLES
+  if settings.tokenizer != 'bytes':
+    # Absent for bytes, so that byte-level cache files keep their names.
+    fields['tokenizer'] = settings.tokenizer
+    fields['bpe_vocab_size'] = settings.bpe_vocab_size
+    fields['bpe_format_version'] = bpe.FORMAT_VERSION
+    fields['tokenizers_version'] = bpe.library_version()
   return fields
+
+
+def _bpe_cache_fields(sft_fields: dict) -> dict:
+  """The fields that fix the train text and the BPE; not seq_len and such."""
+  packing_only = ('kind', 'seq_len', 'max_prompt_tokens', 'max_eval_examples')
+  fields = {k: v for k, v in sft_fields.items() if k not in packing_only}
+  return {'kind': 'bpe', **fields}
 
 
 def _file_sha256(path: str) -> str:
@@ -539,12 +633,32 @@ def _file_sha256(path: str) -> str:
     raise
 
 
-def _build_sft(settings: _SftSettings) -> Dataset:
-  """Extracts, splits and packs the examples of `settings.source`."""
+def _build_sft(
+    settings: _SftSettings, tokenizer_path: str | None = None
+) -> Dataset:
+  """Extracts, splits and packs the examples of `settings.source`.
+
+  With a BPE tokenizer, `tokenizer_path` is its cache file (None: no cache).
+  """
   train_examples, eval_examples, extra_info = _split_examples(settings)
   eval_examples.sort(key=lambda example: _hash_fraction(_example_key(*example)))
+  tokenizer, tokenizer_info = None, {}
+  if settings.tokenizer == 'bpe':
+    tokenizer, cached = bpe.load_or_train(
+        train_examples,
+        vocab_size=settings.bpe_vocab_size,
+        path=tokenizer_path,
+    )
+    tokenizer_info = {
+        'vocab_size': tokenizer.vocab_size,
+        'bpe_vocab_size': settings.bpe_vocab_size,
+        'tokenizer_file': tokenizer_path or '',
+        'tokenizer_cached': cached,
+    }
   shape = dict(
-      seq_len=settings.seq_len, max_prompt_tokens=settings.max_prompt_tokens
+      seq_len=settings.seq_len,
+      max_prompt_tokens=settings.max_prompt_tokens,
+      tokenizer=tokenizer,
   )
   train = pack(train_examples, **shape)
   held_out = pack(eval_examples, **shape)
@@ -568,7 +682,7 @@ def _build_sft(settings: _SftSettings) -> Dataset:
       'max_prompt_tokens': settings.max_prompt_tokens,
       'eval_fraction': settings.eval_fraction,
       'max_eval_examples': settings.max_eval_examples,
-      'tokenizer': 'bytes',
+      'tokenizer': settings.tokenizer,
       'vocab_size': VOCAB_SIZE,
       'python_version': platform.python_version(),
       'format_version': FORMAT_VERSION,
@@ -577,6 +691,7 @@ def _build_sft(settings: _SftSettings) -> Dataset:
       'response_tokens_eval': int(np.count_nonzero(held_out.weights)),
       'cached': False,
       **extra_info,
+      **tokenizer_info,
   }
   return Dataset(train=train, eval=held_out, info=info)
 
@@ -587,6 +702,8 @@ def _split_examples(settings: _SftSettings):
     return _split_stdlib(settings.eval_fraction)
   if settings.source == 'jsonl':
     examples = read_jsonl(settings.path)
+  elif settings.hf is not None:
+    examples = hf_data.read_examples(settings.hf)
   else:
     examples = synthetic_examples(
         settings.synthetic_examples, seed=SYNTHETIC_SEED
@@ -597,7 +714,10 @@ def _split_examples(settings: _SftSettings):
       held_out.append(example)
     else:
       train.append(example)
-  return train, held_out, {'n_examples': len(examples)}
+  info = {'n_examples': len(examples)}
+  if settings.hf is not None:
+    info.update(hf_data.describe(settings.hf))
+  return train, held_out, info
 
 
 def _split_stdlib(eval_fraction: float):
@@ -768,12 +888,14 @@ def _load_windows_cache(path: str) -> np.ndarray | None:
   return windows
 
 
-def _cache_path(cache_dir: str | None, kind: str, fields: dict) -> str | None:
+def _cache_path(
+    cache_dir: str | None, kind: str, fields: dict, suffix: str = '.npz'
+) -> str | None:
   """`{cache_dir}/data/{kind}-{hash of fields}.npz`, or None without a dir."""
   if cache_dir is None:
     return None
   key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-  return os.path.join(cache_dir, 'data', f'{kind}-{key[:20]}.npz')
+  return os.path.join(cache_dir, 'data', f'{kind}-{key[:20]}{suffix}')
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -43,3 +43,19 @@ def describe() -> dict:
       prng_impl=str(jax.config.jax_default_prng_impl),
       enable_x64=bool(jax.config.jax_enable_x64),
   )
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory`.
+
+  Reruns, resumes and tests then load compiled programs instead of compiling
+  them again. 'none' leaves the cache off. Returns the directory used.
+  """
+  if directory == 'none':
+    return None
+  directory = os.path.abspath(os.path.expanduser(directory))
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory

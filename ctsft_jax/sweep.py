@@ -27,10 +27,12 @@ from ctsft_jax import base as base_lib
 from ctsft_jax import budget as budget_lib
 from ctsft_jax import checkpoint
 from ctsft_jax import data as data_lib
+from ctsft_jax import environment
 from ctsft_jax import errors
 from ctsft_jax import flops as flops_lib
 from ctsft_jax import lowrank
 from ctsft_jax import optim
+from ctsft_jax import preemption
 from ctsft_jax import report
 from ctsft_jax import results as results_lib
 from ctsft_jax import train as train_lib
@@ -53,6 +55,7 @@ class Context:
   plan: budget_lib.Plan
   lanes: tuple[tuple[int, float], ...]  # (seed, peak learning rate)
   flops_per_step: dict[int, float]  # K -> analytic FLOPs per lane-step
+  place: train_lib.Placement  # lanes split over all devices
 
   @property
   def seeds(self) -> tuple[int, ...]:
@@ -182,33 +185,40 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
   dataset = data_lib.load_sft(config.data, cache_dir=cache_dir)
   logging.info('Data: %s', dataset.info)
   base, base_info = base_lib.load_base(config)
+  lanes = lanes_of(config)
+  place = train_lib.placement(len(lanes))
+  sets = eval_sets(config, dataset.eval)
   return Context(
       config=config,
       workdir=workdir,
       data_info=dict(dataset.info),
-      train=_to_device(dataset.train),
-      eval_sets=eval_sets(config, dataset.eval),
-      base=base,
+      train=place.put(_to_device(dataset.train), lanes=False),
+      eval_sets={k: place.put(v, lanes=False) for k, v in sets.items()},
+      base=place.put(base, lanes=False),
       base_info=dict(base_info, max_rank=max_rank),
       plan=plan,
-      lanes=lanes_of(config),
+      lanes=lanes,
       flops_per_step=flops_lib.flops_per_step(config, plan.runs),
+      place=place,
   )
 
 
 def init_args(ctx: Context, total_steps: int):
   init_keys, _ = train_lib.lane_keys([seed for seed, _ in ctx.lanes])
   n = len(ctx.lanes)
-  return (
+  args = (
       init_keys,
       jnp.asarray([lr for _, lr in ctx.lanes], jnp.float32),
       jnp.full((n,), total_steps, jnp.int32),
   )
+  return ctx.place.put(args, lanes=True)
 
 
 def data_keys(ctx: Context):
   _, keys = train_lib.lane_keys([seed for seed, _ in ctx.lanes])
-  return keys[0] if ctx.config.data.shared_across_seeds else keys
+  if ctx.config.data.shared_across_seeds:
+    return ctx.place.put(keys[0], lanes=False)
+  return ctx.place.put(keys, lanes=True)
 
 
 def compile_rank(ctx: Context, rank: int) -> train_lib.Programs:
@@ -224,6 +234,7 @@ def compile_rank(ctx: Context, rank: int) -> train_lib.Programs:
       train=ctx.train,
       eval_data=ctx.eval_sets['report'],
       shared_data=cfg.data.shared_across_seeds,
+      place=ctx.place,
   )
 
 
@@ -275,16 +286,35 @@ class _Progress:
 
 
 def _restore_or_init(ckpts, programs, run, args):
+  """The latest readable checkpoint of the run, else a fresh state.
+
+  A checkpoint that fails to restore (corrupt or truncated files) is
+  reported by its path and the previous one is tried.
+  """
   state = programs.init(*args)
-  step = ckpts.latest_step()
-  if step is None:
-    return state, dict(train_loss=[], eval={}, train_seconds=0.0)
-  logging.info('K=%d: resuming from the checkpoint at step %d', run.rank, step)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state,
   )
-  return ckpts.restore(step, abstract)
+  for step in sorted(ckpts.all_steps(), reverse=True):
+    try:
+      restored = ckpts.restore(step, abstract)
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error(
+          'Checkpoint %s/%d is unreadable (%s: %s); trying an older one',
+          ckpts.directory,
+          step,
+          type(e).__name__,
+          str(e)[:200],
+      )
+      continue
+    logging.info(
+        'K=%d: resuming from the checkpoint at step %d', run.rank, step
+    )
+    return restored
+  return state, dict(train_loss=[], eval={}, train_seconds=0.0)
 
 
 def _evaluate(ctx: Context, programs, state) -> dict:
@@ -303,10 +333,15 @@ def _boundaries(run: budget_lib.Run, start: int, chunk: int, every: int):
 
 
 def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
-  """Trains one run of one K for all lanes; returns its record."""
-  cfg = ctx.config
-  ckpt_dir = os.path.join(ctx.workdir, 'checkpoints', _run_id(run))
-  ckpts = checkpoint.RunCheckpoints(ckpt_dir)
+  """Trains one run of one K for all lanes; returns its record.
+
+  The run stops at every eval step (to evaluate) and every few chunks (to
+  checkpoint). After each chunk it honours a preemption request by saving
+  and raising `preemption.Preempted`.
+  """
+  ckpts = checkpoint.RunCheckpoints(
+      os.path.join(ctx.workdir, 'checkpoints', _run_id(run))
+  )
   state, progress = _restore_or_init(
       ckpts, programs, run, init_args(ctx, run.total_steps)
   )
@@ -316,21 +351,35 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
       run,
       int(state.step),
       programs.chunk_steps,
-      cfg.train.checkpoint_every_chunks,
+      ctx.config.train.checkpoint_every_chunks,
   )
-  for stop in stops:
-    start = time.perf_counter()
-    state, losses = train_lib.advance(
-        programs, state, ctx.base, ctx.train, keys, stop - int(state.step)
-    )
-    progress['train_seconds'] += time.perf_counter() - start
-    progress['train_loss'] += [results_lib.finite_or_none(r) for r in losses]
-    meter.update(stop, losses[-1])
-    if stop in run.eval_steps:
-      progress['eval'][str(stop)] = _evaluate(ctx, programs, state)
-    ckpts.save(stop, state, progress)
-  ckpts.wait()
-  ckpts.close()
+  try:
+    while stops:
+      step = int(state.step)
+      n = min(programs.chunk_steps, stops[0] - step)
+      start = time.perf_counter()
+      state, losses = train_lib.advance(
+          programs, state, ctx.base, ctx.train, keys, n
+      )
+      progress['train_seconds'] += time.perf_counter() - start
+      progress['train_loss'] += [results_lib.finite_or_none(r) for r in losses]
+      step += n
+      meter.update(step, losses[-1])
+      if step == stops[0]:
+        stops.pop(0)
+        if step in run.eval_steps:
+          progress['eval'][str(step)] = _evaluate(ctx, programs, state)
+        ckpts.save(step, state, progress)
+      elif preemption.requested():
+        ckpts.save(step, state, progress)
+      if preemption.requested():
+        ckpts.wait()
+        raise preemption.Preempted(
+            f'stopped at step {step} of {_run_id(run)} on SIGTERM; checkpoint'
+            ' saved, rerun the same command to continue'
+        )
+  finally:
+    ckpts.close()
   progress['status'] = np.asarray(state.status).tolist()
   progress['diverged_step'] = np.asarray(state.diverged_step).tolist()
   return progress
@@ -380,6 +429,16 @@ def run_sweep(
 ) -> dict:
   """Runs (or resumes) the whole sweep; writes every artifact to `workdir`."""
   check_workdir(config, workdir, overwrite=overwrite)
+  cache = environment.enable_compilation_cache(
+      config.train.compilation_cache_dir
+      or os.path.join(base_lib.cache_root(config), 'jax_cache')
+  )
+  logging.info('Compilation cache: %s', cache)
+  with preemption.Guard():
+    return _run_sweep(config, workdir)
+
+
+def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ctx = prepare(config, workdir)
   manifest = _load_manifest(workdir)
   programs = compile_all(ctx, manifest)

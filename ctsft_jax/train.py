@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ctsft_jax import errors
 from ctsft_jax import lowrank
 from ctsft_jax import model as model_lib
 from ctsft_jax import optim
@@ -47,7 +48,7 @@ class LaneState(NamedTuple):
   total_steps: jax.Array  # [L] int32, schedule length; a lane stops there
   status: jax.Array  # [L] int32, OK or DIVERGED
   diverged_step: jax.Array  # [L] int32, step that first went non-finite, or -1
-  last_loss: jax.Array  # [L] float32, last finite train loss
+  last_loss: jax.Array  # [L] float32, last finite train loss (0 at start)
   step: jax.Array  # [] int32, steps completed by the program
 
 
@@ -150,7 +151,7 @@ def init_state(task, optimizer, init_keys, peak_lr, total_steps) -> LaneState:
       total_steps=jnp.asarray(total_steps, jnp.int32).reshape(n),
       status=jnp.full((n,), OK, jnp.int32),
       diverged_step=jnp.full((n,), -1, jnp.int32),
-      last_loss=jnp.full((n,), jnp.nan, jnp.float32),
+      last_loss=jnp.zeros((n,), jnp.float32),
       step=jnp.zeros((), jnp.int32),
   )
 
@@ -296,6 +297,48 @@ def schedule_fn(optim_config: ml_collections.ConfigDict) -> Callable:
   )
 
 
+class Placement(NamedTuple):
+  """Shardings of a lane program: lane-leading arrays split over a mesh.
+
+  With one device both are None and jit places everything on it.
+  """
+
+  lanes: Any  # NamedSharding splitting axis 0 over 'lanes', or None
+  replicated: Any  # NamedSharding replicating over the mesh, or None
+
+  def of(self, tree):
+    """Per leaf: split when it has a leading lane axis, else replicate."""
+    if self.lanes is None:
+      return None
+    return jax.tree.map(
+        lambda x: self.lanes if getattr(x, 'ndim', 0) >= 1 else self.replicated,
+        tree,
+    )
+
+  def put(self, tree, *, lanes: bool):
+    """Moves a tree onto the mesh, split over lanes or replicated."""
+    if self.lanes is None:
+      return tree
+    return jax.device_put(tree, self.lanes if lanes else self.replicated)
+
+
+def placement(n_lanes: int, devices=None) -> Placement:
+  """Splits the lanes evenly over all devices (one Mesh axis, 'lanes')."""
+  devices = list(devices or jax.devices())
+  if len(devices) == 1:
+    return Placement(None, None)
+  if n_lanes % len(devices):
+    raise errors.UserError(
+        f'seeds x learning rates = {n_lanes} lanes cannot be split evenly over'
+        f' {len(devices)} devices; use a multiple of {len(devices)} lanes'
+    )
+  mesh = jax.sharding.Mesh(np.array(devices), ('lanes',))
+  return Placement(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('lanes')),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+
+
 def compile_programs(
     task: Task,
     *,
@@ -308,14 +351,16 @@ def compile_programs(
     train: DataArrays,
     eval_data: DataArrays | None,
     shared_data: bool = False,
+    place: Placement = Placement(None, None),
 ) -> Programs:
   """Compiles init, the train chunk and evaluation once, ahead of time.
 
   Later calls with other shapes fail loudly instead of recompiling, so a
-  sweep compiles exactly these programs once per K.
+  sweep compiles exactly these programs once per K. With a multi-device
+  `place`, every lane-leading array is split over the devices and the rest
+  is replicated: the same programs, partitioned by XLA.
   """
   optimizer = optim.make_optimizer(optim_config)
-  init = jax.jit(functools.partial(init_state, task, optimizer))
   chunk = make_train_chunk(
       task,
       optimizer,
@@ -329,19 +374,54 @@ def compile_programs(
     data_keys = jax.ShapeDtypeStruct((), data_keys.dtype)
   lanes_f32 = jax.ShapeDtypeStruct((n_lanes,), jnp.float32)
   lanes_i32 = jax.ShapeDtypeStruct((n_lanes,), jnp.int32)
-  start = time.perf_counter()
-  init_c = init.lower(init_keys, lanes_f32, lanes_i32).compile()
+  init = functools.partial(init_state, task, optimizer)
   state = jax.eval_shape(init, init_keys, lanes_f32, lanes_i32)
-  n_steps = jax.ShapeDtypeStruct((), jnp.int32)
+  state_sh, rep = place.of(state), place.replicated
+  losses_sh = None
+  if place.lanes is not None:
+    losses_sh = jax.sharding.NamedSharding(
+        place.lanes.mesh, jax.sharding.PartitionSpec(None, 'lanes')
+    )
+  start = time.perf_counter()
+  init_c = (
+      jax.jit(init, in_shardings=place.lanes, out_shardings=state_sh)
+      .lower(init_keys, lanes_f32, lanes_i32)
+      .compile()
+  )
   chunk_c = (
-      jax.jit(chunk, donate_argnums=0)
-      .lower(state, frozen, train, data_keys, n_steps)
+      jax.jit(
+          chunk,
+          in_shardings=(
+              state_sh,
+              rep,
+              rep,
+              rep if shared_data else place.lanes,
+              rep,
+          )
+          if place.lanes is not None
+          else None,
+          out_shardings=(state_sh, losses_sh)
+          if place.lanes is not None
+          else None,
+          donate_argnums=0,
+      )
+      .lower(
+          state, frozen, train, data_keys, jax.ShapeDtypeStruct((), jnp.int32)
+      )
       .compile()
   )
   eval_c = None
   if eval_data is not None:
     evaluate = make_evaluate(task, eval_batch=eval_batch)
-    eval_c = jax.jit(evaluate).lower(state.params, frozen, eval_data).compile()
+    eval_c = (
+        jax.jit(
+            evaluate,
+            in_shardings=(state_sh.params, rep, rep) if state_sh else None,
+            out_shardings=place.lanes,
+        )
+        .lower(state.params, frozen, eval_data)
+        .compile()
+    )
   seconds = time.perf_counter() - start
   logging.info(
       'K=%d: compiled init, %d-step train chunk and eval for %d lanes in'

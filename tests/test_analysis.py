@@ -112,6 +112,8 @@ def crossover_surface(first_win):
 
 def run(cells, **kwargs):
   kwargs.setdefault('n_boot', 100)
+  # Surface refits cost milliseconds each; tests of the fit ask for more.
+  kwargs.setdefault('n_boot_fit', 10)
   return analysis.analyze(cells, BUDGET, COST, **kwargs)
 
 
@@ -205,7 +207,7 @@ def test_no_crossover_win_reports_never():
 
 def test_fit_recovers_planted_additive_surface():
   cells = make_cells(additive, noise=1e-4, shared=0.0)
-  fit = run(cells, n_boot=30)['fit']
+  fit = run(cells, n_boot=30, n_boot_fit=30)['fit']
   assert fit['chosen'] == 'additive'
   params = fit['additive']['params']
   for name, value in PLANTED.items():
@@ -253,7 +255,9 @@ def test_rule_crossovers_match_analytic_budgets():
 
 
 def test_fitted_rule_rises_and_refutes_claim_5():
-  result = run(make_cells(additive, noise=1e-4, shared=0.0), n_boot=30)
+  result = run(
+      make_cells(additive, noise=1e-4, shared=0.0), n_boot=30, n_boot_fit=30
+  )
   ranges = [r for r in result['rule']['ranges'] if r['axis'] == 'param_steps']
   best = [r['best_K'] for r in ranges]
   assert best == sorted(best) and best[0] < best[-1]
@@ -264,6 +268,105 @@ def test_fitted_rule_rises_and_refutes_claim_5():
       assert abs(math.log(crossover['budget'] / exact)) < 0.1
   assert verdict(result, 5)['verdict'] == analysis.REFUTED
   assert verdict(result, 5)['n_seeds'] == 8
+  # Supporting view: every refit of the additive fit has a rising best K.
+  assert result['rule']['fit_view']['prob_rises'] == 1.0
+  assert 'fit view: additive fit' in verdict(result, 5)['statistic']
+
+
+def falling_surface(rank, steps, shift32=0.0):
+  """Larger K wins early and loses late: the best K falls with the budget.
+
+  At budget C = K * S (per unit of params) the loss is
+  2 + 0.05 K^0.3 + 4 C^-0.5 K^-0.3, whose best K is 1490 C^(-5/6): about
+  22 at C = 160 (K=32 x 5 steps) and 2 at C = 2,560 (K=32 x 80 steps).
+  """
+  shift = shift32 if rank == 32 else 0.0
+  return 2.0 + 0.05 * rank**0.3 + 4.0 * steps**-0.5 * rank**-0.8 + shift
+
+
+def crossover_advantage_slope(true_loss):
+  """OLS slope of L(K=2, 16 s) - L(K=32, s) on log2(32 s), independently."""
+  x = np.log2([32 * s for s in CROSS_STEPS])
+  y = [true_loss(2, 16 * s) - true_loss(32, s) for s in CROSS_STEPS]
+  return np.polyfit(x, y, 1)[0]
+
+
+def test_planted_falling_optimum_confirms_claim_5():
+  result = run(make_cells(falling_surface))
+  got = verdict(result, 5)
+  assert got['verdict'] == analysis.CONFIRMED, got['statistic']
+  trend = result['budget_trend']
+  # Only K=2 and K=32 share a budget at more than one budget.
+  assert [(e['K_small'], e['K_large']) for e in trend['series']] == [(2, 32)]
+  assert [p['x_anchor'] for p in trend['series'][0]['points']] == (
+      pytest.approx([0.125, 0.25, 0.5, 1.0, 2.0])
+  )
+  expected = crossover_advantage_slope(falling_surface)
+  assert expected < 0
+  # Independent noise of 0.005 per cell leaves the slope within 0.004.
+  assert trend['slope']['mean'] == pytest.approx(expected, abs=0.004)
+  assert trend['slope']['ci95'][1] < 0
+  assert trend['flips']['falls']['K_large'] == 32
+  assert trend['flips']['rises'] is None
+  assert got['n_seeds'] == 8
+
+
+def test_negative_slope_without_a_flip_is_inconclusive():
+  # K=32 carries a penalty large enough that K=2 wins at every budget.
+  surface = lambda k, s: falling_surface(k, s, shift32=0.2)
+  result = run(make_cells(surface))
+  trend = result['budget_trend']
+  assert trend['slope']['ci95'][1] < 0 and trend['flips']['falls'] is None
+  assert verdict(result, 5)['verdict'] == analysis.INCONCLUSIVE
+  assert 'never flips' in verdict(result, 5)['statistic']
+
+
+def test_interaction_fit_is_chosen_and_its_rule_falls():
+  cells = make_cells(falling_surface, noise=1e-4, shared=0.0)
+  result = run(cells, n_boot=20, n_boot_fit=20)
+  fit = result['fit']
+  assert fit['chosen'] == 'interaction'
+  params = fit['interaction']['params']
+  for name, value in {'alpha': -0.3, 'beta': 0.5, 'gamma': -0.8}.items():
+    assert params[name]['value'] == pytest.approx(value, abs=0.02), name
+  assert fit['interaction']['rmse_loo'] < 0.5 * fit['additive']['rmse_loo']
+  ranges = [r for r in result['rule']['ranges'] if r['axis'] == 'param_steps']
+  best = [r['best_K'] for r in ranges]
+  assert best == sorted(best, reverse=True) and best[0] > best[-1]
+  assert result['rule']['fit_view']['prob_falls'] == 1.0
+
+
+def test_budget_trend_pools_pairs_with_their_own_intercepts():
+  rng = np.random.default_rng(5)
+  n_seeds = 4
+  cost = {2: 1.0, 4: 2.0, 8: 4.0, 32: 16.0}
+  design = {(2, 32): (64, 128, 256), (4, 8): (96, 512)}
+  points = {}
+  for ranks, budgets in design.items():
+    for budget in budgets:
+      for k in ranks:
+        points[(k, budget // int(cost[k]))] = rng.normal(3, 0.3, n_seeds)
+  points[(8, 128)][1] = np.nan  # seed 1 keeps one (4, 8) budget only
+  trend = analysis.budget_trend(points, cost, 128.0, np.zeros((0, n_seeds)))
+  assert [(e['K_small'], e['K_large']) for e in trend['series']] == list(design)
+  for seed in range(n_seeds):
+    # Least squares of advantage on log2(budget) plus one dummy per pair.
+    rows, y = [], []
+    for i, ((small, large), budgets) in enumerate(design.items()):
+      for b in budgets:
+        diff = (
+            points[(small, b // int(cost[small]))][seed]
+            - points[(large, b // int(cost[large]))][seed]
+        )
+        if np.isfinite(diff):
+          rows.append([math.log2(b), float(i == 0), float(i == 1)])
+          y.append(diff)
+    # Seed 1's lone (4, 8) point is fit exactly by its dummy.
+    expected = np.linalg.lstsq(rows, y, rcond=None)[0][0]
+    assert trend['seed_slopes'][seed] == pytest.approx(expected), seed
+  assert trend['series'][0]['points'][1]['x_anchor'] == pytest.approx(1.0)
+  assert trend['slope']['n'] == n_seeds
+  assert math.isnan(trend['slope']['prob_negative'])
 
 
 def test_measured_best_groups_equal_cost_cells():

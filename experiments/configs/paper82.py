@@ -117,6 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_batch = 64  # eval rows per forward pass
   config.train.checkpoint_every_chunks = 4  # save run state every n chunks
   config.train.cache_dir = ''  # data/base cache; '' = ~/.cache/ctsft_jax
+  # Persistent XLA compilation cache; '' = <cache_dir>/jax_cache, 'none' = off.
+  config.train.compilation_cache_dir = ''
 
   if arg == 'smoke':
     config.seeds = 2
