@@ -20,6 +20,9 @@ Conventions used throughout:
 * Bootstraps that span several cells (the surface fit, the first-win step of
   the crossover) draw one row of seed indices per replicate and apply it to
   every cell, so the pairing between cells survives resampling.
+* Claim 5 (the best K falls as the budget grows) is decided from measured
+  pairs of K's at equal param-steps across budgets (`budget_trend`), not
+  from the fitted surface; the fit's view is reported beside it.
 * A (K, steps) point measured by several studies (K=2 at 640 steps is in all
   three) is one point everywhere except in `tables`: its values come from the
   first study in `STUDY_ORDER` that has it.
@@ -757,7 +760,6 @@ def budget_trend(
     points: Points,
     cost: Mapping[int, float],
     anchor: float | None,
-    boot_idx: np.ndarray,
     *,
     axis: str = 'param_steps',
     n_boot: int = 2000,
@@ -770,11 +772,12 @@ def budget_trend(
   steps against K=2 at 16 s. A pair's advantage at a budget is the paired
   difference L(smaller K) - L(larger K): positive where the larger K wins.
   Each seed's slope of that advantage against log2(budget) comes from
-  `_seed_slopes`; the slope's mean has a Student t interval over seeds and a
-  two-sided one-sample t test against 0, and `prob_negative` is the share of
-  seed resamples (`boot_idx`) whose mean slope is below zero. A negative
-  slope means the smaller K gains as the budget grows. `flips` names where
-  the sign of a pair's mean advantage actually changes with the budget.
+  `_seed_slopes`. Their mean gets a Student t interval over seeds and a
+  two-sided one-sample t test against 0 (`paired` against zeros), and
+  `prob_negative` is the share of bootstrap resamples of the seeds whose
+  mean slope is below zero. A negative slope means the smaller K gains as
+  the budget grows. `flips` names where the sign of a pair's mean advantage
+  actually changes with the budget.
 
   Returns:
     {'axis', 'anchor', 'series', 'slope', 'seed_slopes', 'flips'}, or None
@@ -784,22 +787,15 @@ def budget_trend(
   if not series:
     return None
   slopes = _seed_slopes(series)
-  summary = mean_ci(slopes)
-  finite = slopes[np.isfinite(slopes)]
-  p = math.nan
-  if finite.size >= 2:
-    sd = finite.std(ddof=1)
-    p = 1.0 if sd == 0 and summary['mean'] == 0 else 0.0
-    if sd > 0:
-      t_stat = abs(summary['mean']) / (sd / finite.size**0.5)
-      p = float(2 * stats.t.sf(t_stat, finite.size - 1))
-  prob = math.nan
-  if boot_idx.size and finite.size:
-    boot = _row_means(slopes[boot_idx])
-    boot = boot[np.isfinite(boot)]
-    if boot.size:
-      prob = float(np.mean(boot < 0) + 0.5 * np.mean(boot == 0))
-  summary.update(p=p, prob_negative=prob, unit='per doubling of the budget')
+  test = paired(slopes, np.zeros_like(slopes), n_boot=n_boot, seed=seed)
+  slope = {
+      'mean': test['mean_diff'] if test['n'] >= 2 else mean_ci(slopes)['mean'],
+      'ci95': test['ci95'],
+      'n': test['n'],
+      'p': test['p'],
+      'prob_negative': test['prob_a_lower'],
+      'unit': 'per doubling of the budget',
+  }
   for entry in series:
     for row in entry['points']:
       del row['values']
@@ -807,7 +803,7 @@ def budget_trend(
       'axis': axis,
       'anchor': anchor,
       'series': series,
-      'slope': summary,
+      'slope': slope,
       'seed_slopes': slopes,
       'flips': {
           'falls': _first_flip(series, 1),
@@ -1328,13 +1324,25 @@ def _jsonable(obj):
   return obj
 
 
+def _param_steps_trend(points, costs, budget, *, n_boot, seed):
+  """`budget_trend` on the param_steps axis, or None without that axis."""
+  per_step = costs.get('param_steps')
+  if not per_step:
+    return None
+  anchor = None
+  if budget['anchor_K'] in per_step:
+    anchor = per_step[budget['anchor_K']] * budget['anchor_steps']
+  return budget_trend(points, per_step, anchor, n_boot=n_boot, seed=seed)
+
+
 def cost_per_step_of(results: Mapping[str, Any]) -> dict:
   """The cost_per_step that `analyze` takes, from a results.json.
 
-  The one the analysis saved, when there is one. Otherwise trainable params per K come from the cells, FLOPs per step from
-  `timing.flops_per_step`, and seconds per step from the calibrated timing,
-  or the measured one when no calibration ran, as the sweep does. Lets a
-  notebook rerun `analyze` on a saved sweep.
+  The one the analysis saved, when there is one. Otherwise trainable params
+  per K come from the cells, FLOPs per step from `timing.flops_per_step`,
+  and seconds per step from the calibrated timing, or the measured one when
+  no calibration ran, as the sweep does. Lets a notebook rerun `analyze` on
+  a saved sweep.
   """
   saved = results.get('cost_per_step') or (results.get('analysis') or {}).get(
       'cost_per_step'
@@ -1413,12 +1421,7 @@ def analyze(
   cross = crossover_section(cells, metric, boot_idx, **boot)
   matched = _study_values(cells, 'budget_matched', metric)
   anchor = (budget['anchor_K'], budget['anchor_steps'])
-  trend = None
-  param_cost = costs.get('param_steps', {})
-  if param_cost:
-    anchor_cost = param_cost.get(anchor[0])
-    anchor_budget = anchor_cost * anchor[1] if anchor_cost else None
-    trend = budget_trend(points, param_cost, anchor_budget, boot_idx, **boot)
+  trend = _param_steps_trend(points, costs, budget, **boot)
   verdicts = [
       verdict_dip(matched, **boot),
       verdict_crossover(cross),

@@ -106,15 +106,25 @@ def pretrain(config: ml_collections.ConfigDict, *, cache_dir: str | None):
   return params, float(losses[-1, 0])
 
 
+def _abstract_params(config: ml_collections.ConfigDict):
+  return jax.eval_shape(
+      functools.partial(model_lib.init_base, config.model), jax.random.key(0)
+  )
+
+
+def check_checkpoint(config: ml_collections.ConfigDict) -> None:
+  """Fails with one line when `base.checkpoint` is missing or mismatched."""
+  if config.base.kind == 'pretrained' and config.base.checkpoint:
+    checkpoint.check_params(config.base.checkpoint, _abstract_params(config))
+
+
 def load_base(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """The frozen base params and a JSON-able description of where they came from."""
   base_cfg = config.base
   if base_cfg.kind == 'random':
     params = model_lib.init_base(config.model, jax.random.key(base_cfg.seed))
     return params, dict(kind='random', seed=base_cfg.seed)
-  abstract = jax.eval_shape(
-      functools.partial(model_lib.init_base, config.model), jax.random.key(0)
-  )
+  abstract = _abstract_params(config)
   if base_cfg.checkpoint:
     params = checkpoint.restore_params(base_cfg.checkpoint, abstract)
     return params, dict(kind='pretrained', checkpoint=base_cfg.checkpoint)

@@ -119,8 +119,8 @@ def save_params(directory: str, params: PyTree) -> None:
   checkpointer.close()
 
 
-def restore_params(directory: str, abstract_params: PyTree) -> PyTree:
-  """Restores a parameter tree, checking it against the expected shapes."""
+def check_params(directory: str, abstract_params: PyTree) -> None:
+  """Raises UserError unless `directory` holds params of the given shapes."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise errors.UserError(
@@ -131,14 +131,30 @@ def restore_params(directory: str, abstract_params: PyTree) -> PyTree:
   checkpointer = ocp.StandardCheckpointer()
   try:
     stored = checkpointer.metadata(directory)
-    stored_tree = getattr(stored, 'item_metadata', stored)
-    got = jax.tree.map(lambda m: tuple(m.shape), stored_tree.tree)
-    want = jax.tree.map(lambda s: tuple(s.shape), abstract_params)
-    if got != want:
-      raise errors.UserError(
-          f'base.checkpoint={directory} holds parameters of other shapes than'
-          ' the model config; pretrain a base for this config'
-      )
-    return checkpointer.restore(directory, abstract_params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(
+        f'base.checkpoint={directory} is not a readable Orbax checkpoint'
+        f' ({type(e).__name__}); give a directory written by'
+        ' experiments.pretrain'
+    ) from None
+  finally:
+    checkpointer.close()
+  stored_tree = getattr(stored, 'item_metadata', stored)
+  stored_tree = getattr(stored_tree, 'tree', stored_tree)
+  got = jax.tree.map(lambda m: tuple(m.shape), dict(stored_tree))
+  want = jax.tree.map(lambda s: tuple(s.shape), abstract_params)
+  if got != want:
+    raise errors.UserError(
+        f'base.checkpoint={directory} holds parameters of other shapes than'
+        ' the model config; pretrain a base for this model config'
+    )
+
+
+def restore_params(directory: str, abstract_params: PyTree) -> PyTree:
+  """Restores a parameter tree, checking it against the expected shapes."""
+  check_params(directory, abstract_params)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(os.path.abspath(directory), abstract_params)
   finally:
     checkpointer.close()

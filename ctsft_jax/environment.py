@@ -4,6 +4,7 @@ import importlib.metadata
 import os
 import platform
 
+from absl import logging
 import jax
 
 
@@ -59,3 +60,16 @@ def enable_compilation_cache(directory: str) -> str | None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return directory
+
+
+def log_start(config) -> None:
+  """Logs the devices and the resolved config, as the first thing a run does."""
+  logging.info(
+      'JAX %s on %s: %d device(s) %s, %d process(es)',
+      jax.__version__,
+      jax.default_backend(),
+      jax.device_count(),
+      [d.device_kind for d in jax.local_devices()],
+      jax.process_count(),
+  )
+  logging.info('Config:\n%s', config)

@@ -295,18 +295,14 @@ def _first_win(results: dict, rows: list[dict]):
   return wins[0] if wins else None
 
 
-def draw_crossover(results: dict, path: str) -> bool:
-  """K=32 at s steps against K=2 at 16 s: losses and paired differences."""
-  rows = crossover_rows(results)
-  if not rows:
-    return False
-  high, low = analysis.CROSS_HIGH_RANK, analysis.CROSS_LOW_RANK
-  colors = rank_colors(_all_ranks(results))
-  x = np.array([r['param_steps'] for r in rows], dtype=float)
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for key, rank in (('high', high), ('low', low)):
+def _crossover_losses(ax, x, rows, colors) -> None:
+  """Left panel: each K's mean loss with its 95% interval, per pair."""
+  for key, rank in (
+      ('high', analysis.CROSS_HIGH_RANK),
+      ('low', analysis.CROSS_LOW_RANK),
+  ):
     mean, lo, hi = (np.array(v) for v in zip(*[r[key] for r in rows]))
-    left.errorbar(
+    ax.errorbar(
         x,
         mean,
         yerr=[mean - lo, hi - mean],
@@ -316,26 +312,46 @@ def draw_crossover(results: dict, path: str) -> bool:
         label=f'K={rank}',
     )
   for xi, row in zip(x, rows):
-    left.annotate(
+    ax.annotate(
         f's={row["pair"]}',
         (xi, row['high'][0]),
         fontsize=7,
         textcoords='offset points',
         xytext=(4, 4),
     )
+  ax.set_title('Losses at equal param-steps (mean, 95% CI)')
+
+
+def _crossover_diffs(ax, x, rows) -> None:
+  """Right panel: the paired difference K=32 - K=2 with its interval."""
   diff = np.array([r['diff']['mean_diff'] for r in rows], dtype=float)
   ci = np.array([r['diff']['ci95'] for r in rows], dtype=float)
   ci = np.where(np.isfinite(ci), ci, diff[:, None])
-  right.errorbar(
+  label = f'L(K={analysis.CROSS_HIGH_RANK}) - L(K={analysis.CROSS_LOW_RANK})'
+  ax.errorbar(
       x,
       diff,
       yerr=[diff - ci[:, 0], ci[:, 1] - diff],
       fmt='o-',
       capsize=3,
       color='black',
-      label=f'L(K={high}) - L(K={low})',
+      label=label,
   )
-  right.axhline(0.0, color='gray', linewidth=1)
+  ax.axhline(0.0, color='gray', linewidth=1)
+  ax.set_ylabel('paired difference (below 0: K=32 wins)')
+  ax.set_title('Paired difference, 95% CI over seeds')
+
+
+def draw_crossover(results: dict, path: str) -> bool:
+  """K=32 at s steps against K=2 at 16 s: losses and paired differences."""
+  rows = crossover_rows(results)
+  if not rows:
+    return False
+  high, low = analysis.CROSS_HIGH_RANK, analysis.CROSS_LOW_RANK
+  x = np.array([r['param_steps'] for r in rows], dtype=float)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  _crossover_losses(left, x, rows, rank_colors(_all_ranks(results)))
+  _crossover_diffs(right, x, rows)
   first = _first_win(results, rows)
   for ax in (left, right):
     if first is not None:
@@ -352,9 +368,6 @@ def draw_crossover(results: dict, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   left.set_ylabel(f'{metric_of(results).replace("_", " ")} (nats/token)')
-  left.set_title('Losses at equal param-steps (mean, 95% CI)')
-  right.set_ylabel('paired difference (below 0: K=32 wins)')
-  right.set_title('Paired difference, 95% CI over seeds')
   save_figure(fig, path)
   return True
 

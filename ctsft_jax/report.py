@@ -67,7 +67,8 @@ def fmt_budget(x) -> str:
   """A budget in engineering notation: 1.59M, 2.46G, 0.0685."""
   if not _finite(x):
     return 'n/a'
-  for scale, suffix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+  scales = ((1e18, 'E'), (1e15, 'P'), (1e12, 'T'), (1e9, 'G'), (1e6, 'M'))
+  for scale, suffix in scales + ((1e3, 'k'),):
     if abs(x) >= scale:
       return f'{x / scale:.3g}{suffix}'
   return f'{x:.3g}'
@@ -418,6 +419,27 @@ def _axis_curve_table(curve: Mapping[str, Any]) -> str:
   return _table(['K', 'Steps', 'Final loss', 'Source'], rows)
 
 
+def _anchor_steps_text(costs, anchor_k, anchor_steps, lo, hi) -> str:
+  """The steps K=lo and K=hi get at the anchor budget on each axis."""
+  parts = []
+  for name, cost in costs.items():
+    if all(k in cost for k in (lo, hi, anchor_k)):
+      steps_lo = cost[anchor_k] * anchor_steps / cost[lo]
+      steps_hi = cost[anchor_k] * anchor_steps / cost[hi]
+      parts.append(
+          f'{steps_lo:.0f} vs {steps_hi:.0f} steps on {name}'
+          f' (ratio {steps_lo / steps_hi:.1f})'
+      )
+  return (
+      f' At the anchor budget K={lo} and K={hi} get '
+      + '; '.join(parts)
+      + '. On FLOPs or time every K gets a similar number of steps, so'
+      ' there the small K loses its large step advantage, and the ranking'
+      " of the K's can change. The larger the base relative to the"
+      ' factors, the closer these ratios get to 1.'
+  )
+
+
 def _axis_paragraph(results: dict) -> list[str]:
   """Why the axes disagree, with this sweep's numbers."""
   timing = results.get('timing') or {}
@@ -450,28 +472,8 @@ def _axis_paragraph(results: dict) -> list[str]:
     text += f' and {seconds[hi] / seconds[lo]:.2f}x the seconds'
   text += '.'
   if anchor_k in params and anchor_k in flops:
-    per_axis = [
-        ('param-steps', params),
-        ('FLOPs', flops),
-        ('seconds', seconds if anchor_k in seconds else {}),
-    ]
-    parts = []
-    for name, cost in per_axis:
-      if lo in cost and hi in cost:
-        steps_lo = cost[anchor_k] * anchor_steps / cost[lo]
-        steps_hi = cost[anchor_k] * anchor_steps / cost[hi]
-        parts.append(
-            f'{steps_lo:.0f} vs {steps_hi:.0f} steps on {name}'
-            f' (ratio {steps_lo / steps_hi:.1f})'
-        )
-    text += (
-        f' At the anchor budget K={lo} and K={hi} get '
-        + '; '.join(parts)
-        + '. On FLOPs or time every K gets a similar number of steps, so'
-        ' there the small K loses its large step advantage, and the ranking'
-        " of the K's can change. The larger the base relative to the"
-        ' factors, the closer these ratios get to 1.'
-    )
+    costs = {'param-steps': params, 'FLOPs': flops, 'seconds': seconds}
+    text += _anchor_steps_text(costs, anchor_k, anchor_steps, lo, hi)
   return ['', text]
 
 
@@ -639,7 +641,8 @@ def _fitted_rule_table(rule, axis, anchor) -> list[str]:
   unit = AXIS_UNITS[axis]
   rows = [
       [
-          f"{fmt_budget(r['budget_min'])} - {fmt_budget(r['budget_max'])} {unit}",
+          f"{fmt_budget(r['budget_min'])} - {fmt_budget(r['budget_max'])}"
+          f' {unit}',
           f"{fmt_num(r['budget_min'] / anchor, '.3g')}x -"
           f" {fmt_num(r['budget_max'] / anchor, '.3g')}x"
           if anchor
@@ -680,7 +683,7 @@ def _measured_rule_table(rule, axis, anchor) -> list[str]:
     hi = (cmp.get('ci95') or [None, None])[1]
     rows.append(
         [
-            fmt_budget(m['budget']),
+            f"{fmt_budget(m['budget'])} {AXIS_UNITS[axis]}",
             fmt_num(m['budget'] / anchor, '.3g') + 'x' if anchor else 'n/a',
             ranks,
             m['best_K'],

@@ -427,8 +427,16 @@ def compile_all(ctx: Context, manifest: dict) -> dict:
 def run_sweep(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> dict:
-  """Runs (or resumes) the whole sweep; writes every artifact to `workdir`."""
+  """Runs (or resumes) the whole sweep; writes every artifact to `workdir`.
+
+  Every check of the user's input (config values, data file, base
+  checkpoint, workdir) runs before anything is logged or computed.
+  """
+  validate.check_config(config)
+  make_plan(config)  # a budget too small for some K fails here
+  base_lib.check_checkpoint(config)
   check_workdir(config, workdir, overwrite=overwrite)
+  environment.log_start(config)
   cache = environment.enable_compilation_cache(
       config.train.compilation_cache_dir
       or os.path.join(base_lib.cache_root(config), 'jax_cache')

@@ -58,10 +58,13 @@ def check_config(config: ml_collections.ConfigDict) -> int:
       f'data.seq_len={config.data.seq_len} must be <= model.max_len='
       f'{m.max_len}',
   )
-  _require(
-      config.data.source != 'jsonl' or bool(config.data.path),
-      'data.source=jsonl needs data.path, a JSONL file of prompt/response lines',
-  )
+  if config.data.source == 'jsonl':
+    _require(
+        bool(config.data.path),
+        'data.source=jsonl needs data.path, a JSONL file of prompt/response'
+        ' lines',
+    )
+    data_lib.read_jsonl(config.data.path)  # names a bad file or line
   return check_ranks(config)
 
 

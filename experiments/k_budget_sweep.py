@@ -31,7 +31,6 @@ _OVERWRITE = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  cli.log_start(_CONFIG.value)
   sweep.run_sweep(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 

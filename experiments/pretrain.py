@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from ctsft_jax import base
 from ctsft_jax import checkpoint
 from ctsft_jax import cli
+from ctsft_jax import environment
 from ctsft_jax import validate
 
 _DEFAULT_CONFIG = os.path.join(
@@ -31,8 +32,8 @@ _CHECKPOINT = flags.DEFINE_string(
 def main(argv):
   del argv
   config = _CONFIG.value
-  cli.log_start(config)
   validate.check_config(config)
+  environment.log_start(config)
   params, loss = base.pretrain(config, cache_dir=base.cache_root(config))
   checkpoint.save_params(_CHECKPOINT.value, params)
   logging.info('Final pretraining loss %.4f; wrote %s', loss, _CHECKPOINT.value)
