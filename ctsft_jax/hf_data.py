@@ -5,7 +5,8 @@
   a directory   written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`
                 (`load_from_disk`; a DatasetDict gives its `data.hf_split`)
   a data file   ending .json, .jsonl, .csv or .parquet
-                (`load_dataset(<format>, data_files=...)`)
+                (`load_dataset(<format>, data_files=...)`; the file is the
+                one split, so `data.hf_split` is not used)
   anything else a dataset on the Hub, 'owner/name'
                 (`load_dataset(name, data.hf_subset, split=data.hf_split)`)
 

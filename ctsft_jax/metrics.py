@@ -19,7 +19,8 @@ by hand stays readable.
 
 With `tensorboard=True` the same scalars also go to TensorBoard event files in
 `{workdir}/tensorboard/{run_id}/` (needs the optional `tensorboardX` package),
-tagged `train_loss/K8/seed0` (and `.../lr0.001` with a learning-rate grid).
+tagged `train_loss/K8/seed0` (`.../lr0.001` appended when the lanes have
+more than one learning rate).
 A resumed run purges the events after its start step, as TensorBoard expects.
 
 `Progress` shows how far a run is: a tqdm bar with ETA and throughput when
@@ -147,13 +148,15 @@ class MetricsWriter:
       workdir: the sweep's workdir.
       run_id: names the files, e.g. 'K8_steps160'.
       rank: K, written into every line.
-      lanes: one entry per lane: an integer seed, or a (seed, lr) pair.
+      lanes: one entry per lane: an integer seed, or a (seed, lr) pair
+        (the sweep's `ctx.lanes`).
       start_step: steps already trained (the restored checkpoint's step, 0
         for a fresh run). Lines of later steps are removed.
       tensorboard: also write TensorBoard event files (needs tensorboardX).
     """
     self.rank = int(rank)
     self.lanes = [_lane_fields(lane) for lane in lanes]
+    self._tag_lr = len({lane.get('lr') for lane in self.lanes}) > 1
     self.path = os.path.join(workdir, METRICS_DIR, f'{run_id}.jsonl')
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     kept = [r for r in _run_lines(self.path) if r.get('step', 0) <= start_step]
@@ -173,7 +176,7 @@ class MetricsWriter:
 
   def _tag(self, metric: str, lane: dict) -> str:
     tag = f"{metric}/K{self.rank}/seed{lane['seed']}"
-    return tag + (f"/lr{lane['lr']:g}" if 'lr' in lane else '')
+    return tag + (f"/lr{lane['lr']:g}" if self._tag_lr else '')
 
   def _write(self, metric: str, step: int, values) -> None:
     values = np.asarray(values, np.float64).reshape(-1)
@@ -198,6 +201,8 @@ class MetricsWriter:
 
   def eval(self, step: int, losses) -> None:
     """Records eval losses at `step`: [L] values, or {eval set: [L] values}.
+
+    Values may be None (as the sweep stores non-finite losses).
 
     The sweep's 'report' set is written as `eval_loss`; any other set `name`
     (such as 'select', with a learning-rate grid) as `eval_{name}_loss`.

@@ -165,7 +165,7 @@ def test_lane_count_mismatch_is_an_error(tmp_path):
 
 def test_tensorboard_scalars_and_resume_purge(tmp_path):
   workdir = str(tmp_path)
-  lanes = [(0, 0.001), (1, 0.001)]
+  lanes = [(0, 0.001), (1, 0.001)]  # One rate: the tags leave it out.
   first = metrics.MetricsWriter(
       workdir, run_id='K8_steps4', rank=8, lanes=lanes, tensorboard=True
   )
@@ -186,11 +186,35 @@ def test_tensorboard_scalars_and_resume_purge(tmp_path):
       os.path.join(workdir, 'tensorboard', 'K8_steps4')
   )
   assert scalars == {
-      'train_loss/K8/seed0/lr0.001': {1: 4.0, 2: 3.0, 3: 2.5},
-      'train_loss/K8/seed1/lr0.001': {1: 40.0, 2: 30.0, 3: 25.0},
-      'eval_loss/K8/seed0/lr0.001': {2: 0.5},
-      'eval_loss/K8/seed1/lr0.001': {2: 5.0},
+      'train_loss/K8/seed0': {1: 4.0, 2: 3.0, 3: 2.5},
+      'train_loss/K8/seed1': {1: 40.0, 2: 30.0, 3: 25.0},
+      'eval_loss/K8/seed0': {2: 0.5},
+      'eval_loss/K8/seed1': {2: 5.0},
   }
+
+
+def test_tensorboard_tags_name_the_rate_of_a_learning_rate_grid(tmp_path):
+  lanes = [(0, 0.001), (0, 0.01), (1, 0.001), (1, 0.01)]
+  with metrics.MetricsWriter(
+      str(tmp_path), run_id='K4_steps1', rank=4, lanes=lanes, tensorboard=True
+  ) as writer:
+    writer.eval(1, {'report': [1.0, None, 3.0, 4.0], 'select': [5, 6, 7, 8]})
+  scalars = tensorboard_scalars(str(tmp_path / 'tensorboard' / 'K4_steps1'))
+  assert scalars == {
+      'eval_loss/K4/seed0/lr0.001': {1: 1.0},
+      'eval_loss/K4/seed1/lr0.001': {1: 3.0},
+      'eval_loss/K4/seed1/lr0.01': {1: 4.0},
+      'eval_select_loss/K4/seed0/lr0.001': {1: 5.0},
+      'eval_select_loss/K4/seed0/lr0.01': {1: 6.0},
+      'eval_select_loss/K4/seed1/lr0.001': {1: 7.0},
+      'eval_select_loss/K4/seed1/lr0.01': {1: 8.0},
+  }
+  (missing,) = [
+      r
+      for r in metrics.read_metrics(str(tmp_path))
+      if r['lr'] == 0.01 and r['seed'] == 0 and 'eval_loss' in r
+  ]
+  assert missing['eval_loss'] is None
 
 
 def test_fresh_run_replaces_old_tensorboard_files(tmp_path):

@@ -20,27 +20,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'experiments/configs/paper82.py:smoke'
 # Every study on, shrunk: K=1 gets 8 steps and K=2 4 steps at the budget
 # (500 and 1,000 trainable params, anchor K=2 x 4 steps).
-TINY_FLAGS = (
-    '--config.model.d_model=16',
-    '--config.model.n_heads=2',
-    '--config.model.d_mlp=32',
-    '--config.model.max_len=16',
-    '--config.data.source=synthetic',
-    '--config.data.seq_len=16',
-    '--config.data.max_prompt_tokens=8',
-    '--config.data.synthetic_examples=200',
-    '--config.data.max_eval_examples=32',
-    '--config.base.kind=random',
-    '--config.train.eval_batch=16',
-    '--config.train.chunk_steps=8',
-    '--config.studies.budget_matched.ranks=(1,2)',
-    '--config.budget.anchor_rank=2',
-    '--config.budget.anchor_steps=4',
-    '--config.studies.crossover.high_rank=2',
-    '--config.studies.crossover.low_rank=1',
-    '--config.studies.crossover.high_steps=(2,4)',
-    '--config.studies.wallclock_matched.calibration_steps=2',
-)
+TINY = {
+    'model.d_model': '16',
+    'model.n_heads': '2',
+    'model.d_mlp': '32',
+    'model.max_len': '16',
+    'data.source': 'synthetic',
+    'data.seq_len': '16',
+    'data.max_prompt_tokens': '8',
+    'data.synthetic_examples': '200',
+    'data.max_eval_examples': '32',
+    'base.kind': 'random',
+    'train.eval_batch': '16',
+    'train.chunk_steps': '8',
+    'studies.budget_matched.ranks': '(1,2)',
+    'budget.anchor_rank': '2',
+    'budget.anchor_steps': '4',
+    'studies.crossover.high_rank': '2',
+    'studies.crossover.low_rank': '1',
+    'studies.crossover.high_steps': '(2,4)',
+    'studies.wallclock_matched.calibration_steps': '2',
+}
+
+
+def tiny_flags(**changes) -> list[str]:
+  """--config.* flags of TINY with `changes` ('__' for '.'), each key once.
+
+  A key must not be given twice: repeated tuple flags are merged, not
+  replaced, by ml_collections.
+  """
+  values = dict(TINY, **{k.replace('__', '.'): v for k, v in changes.items()})
+  return [f'--config.{key}={value}' for key, value in values.items()]
+
+
+TINY_FLAGS = tuple(tiny_flags())
 TINY_STEPS = {1: 8, 2: 4}
 
 
@@ -206,7 +219,7 @@ def test_other_config_is_refused_then_overwritten(
     tiny_sweep, cache_dir, tmp_path
 ):
   workdir = _copy(tiny_sweep, tmp_path)
-  proc = run_binary(workdir, cache_dir, *TINY_FLAGS, '--config.seed=7')
+  proc = run_binary(workdir, cache_dir, *tiny_flags(seed='7'))
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr
   (line,) = _user_error_lines(proc)
@@ -214,13 +227,12 @@ def test_other_config_is_refused_then_overwritten(
   assert 'seeds' not in line and 'd_model' not in line
   assert _read_json(workdir, 'config.json')['seed'] == 0
   # Overwrite with a sweep of K=2 alone (one compile instead of two).
-  only_k2 = (
-      '--config.seed=7',
-      '--config.studies.budget_matched.ranks=(2,)',
-      '--config.studies.crossover.enabled=false',
-      '--overwrite',
+  only_k2 = tiny_flags(
+      seed='7',
+      studies__budget_matched__ranks='(2,)',
+      studies__crossover__enabled='false',
   )
-  proc = run_binary(workdir, cache_dir, *TINY_FLAGS, *only_k2)
+  proc = run_binary(workdir, cache_dir, *only_k2, '--overwrite')
   _assert_ok(proc)
   assert _read_json(workdir, 'config.json')['seed'] == 7
   results = _read_json(workdir, 'results.json')
@@ -230,31 +242,24 @@ def test_other_config_is_refused_then_overwritten(
 
 
 @pytest.mark.parametrize(
-    'flag, named',
+    'change, named',
     [
-        ('--config.seeds=0', 'seeds=0'),
-        ('--config.studies.budget_matched.ranks=(1,99)', 'K=99'),
+        (dict(seeds='0'), 'seeds=0'),
+        (dict(studies__budget_matched__ranks='(1,99)'), 'K=99'),
     ],
 )
-def test_bad_value_exits_2_with_one_line(tmp_path, cache_dir, flag, named):
+def test_bad_value_exits_2_with_one_line(tmp_path, cache_dir, change, named):
   workdir = str(tmp_path / 'work')
-  proc = run_binary(workdir, cache_dir, *TINY_FLAGS, flag)
+  proc = run_binary(workdir, cache_dir, *tiny_flags(**change))
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   (line,) = _user_error_lines(proc)
   assert named in line
 
 
-@pytest.mark.xfail(
-    reason=(
-        'sweep.run_sweep calls check_workdir (which writes config.json)'
-        ' before prepare validates the config, so a rejected config is left'
-        ' in the workdir and the corrected command is then refused as a'
-        ' different config'
-    ),
-    strict=True,
-)
 def test_rejected_config_leaves_the_workdir_reusable(tmp_path, make_config):
+  """Validation runs before the workdir is written, so the corrected
+  command is not refused as a different config."""
   workdir = str(tmp_path / 'work')
   config = make_config(
       seeds=0,
