@@ -31,14 +31,13 @@ from ctsft_jax import environment
 from ctsft_jax import errors
 from ctsft_jax import flops as flops_lib
 from ctsft_jax import lowrank
+from ctsft_jax import metrics as metrics_lib
 from ctsft_jax import optim
 from ctsft_jax import preemption
 from ctsft_jax import report
 from ctsft_jax import results as results_lib
 from ctsft_jax import train as train_lib
 from ctsft_jax import validate
-
-LOG_EVERY_S = 10.0  # seconds between progress lines
 
 
 @dataclasses.dataclass
@@ -184,6 +183,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
   cache_dir = base_lib.cache_root(config)
   dataset = data_lib.load_sft(config.data, cache_dir=cache_dir)
   logging.info('Data: %s', dataset.info)
+  data_lib.check_model_vocab(config.model.vocab_size, dataset.info)
   base, base_info = base_lib.load_base(config)
   lanes = lanes_of(config)
   place = train_lib.placement(len(lanes))
@@ -258,33 +258,6 @@ def calibrate(ctx: Context, programs: dict, steps: int) -> dict[int, float]:
   return seconds
 
 
-class _Progress:
-  """Rate-limited progress lines with throughput and ETA."""
-
-  def __init__(self, label: str, total: int, start_step: int):
-    self.label, self.total = label, total
-    self.start_step, self.start = start_step, time.perf_counter()
-    self.last_log = 0.0
-
-  def update(self, step: int, losses: np.ndarray) -> None:
-    now = time.perf_counter()
-    if now - self.last_log < LOG_EVERY_S and step < self.total:
-      return
-    self.last_log = now
-    rate = (step - self.start_step) / max(now - self.start, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
-    logging.info(
-        '%s: step %d/%d (%.0f%%), %.1f steps/s, ETA %.0fs, train loss %s',
-        self.label,
-        step,
-        self.total,
-        100 * step / self.total,
-        rate,
-        eta,
-        np.array2string(losses, precision=3),
-    )
-
-
 def _restore_or_init(ckpts, programs, run, args):
   """The latest readable checkpoint of the run, else a fresh state.
 
@@ -346,7 +319,17 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
       ckpts, programs, run, init_args(ctx, run.total_steps)
   )
   keys = data_keys(ctx)
-  meter = _Progress(f'K={run.rank}', run.total_steps, int(state.step))
+  meter = metrics_lib.Progress(
+      f'K={run.rank}', run.total_steps, int(state.step)
+  )
+  writer = metrics_lib.MetricsWriter(
+      ctx.workdir,
+      run_id=_run_id(run),
+      rank=run.rank,
+      lanes=ctx.lanes,
+      start_step=int(state.step),
+      tensorboard=ctx.config.train.tensorboard,
+  )
   stops = _boundaries(
       run,
       int(state.step),
@@ -364,11 +347,13 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
       progress['train_seconds'] += time.perf_counter() - start
       progress['train_loss'] += [results_lib.finite_or_none(r) for r in losses]
       step += n
+      writer.train(step, losses)
       meter.update(step, losses[-1])
       if step == stops[0]:
         stops.pop(0)
         if step in run.eval_steps:
           progress['eval'][str(step)] = _evaluate(ctx, programs, state)
+          writer.eval(step, progress['eval'][str(step)])
         ckpts.save(step, state, progress)
       elif preemption.requested():
         ckpts.save(step, state, progress)
@@ -379,6 +364,8 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
             ' saved, rerun the same command to continue'
         )
   finally:
+    writer.close()
+    meter.close()
     ckpts.close()
   progress['status'] = np.asarray(state.status).tolist()
   progress['diverged_step'] = np.asarray(state.diverged_step).tolist()
@@ -503,5 +490,10 @@ def check_workdir(
     for name in ('manifest.json', 'results.json'):
       if os.path.exists(os.path.join(workdir, name)):
         os.remove(os.path.join(workdir, name))
-    shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+    for name in (
+        'checkpoints',
+        metrics_lib.METRICS_DIR,
+        metrics_lib.TENSORBOARD_DIR,
+    ):
+      shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
   checkpoint.write_json(path, new)

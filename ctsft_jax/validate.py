@@ -2,9 +2,11 @@
 
 import ml_collections
 
+from ctsft_jax import bpe
 from ctsft_jax import budget as budget_lib
 from ctsft_jax import data as data_lib
 from ctsft_jax import errors
+from ctsft_jax import hf_data
 from ctsft_jax import lowrank
 from ctsft_jax import optim
 
@@ -37,16 +39,11 @@ def check_config(config: ml_collections.ConfigDict) -> int:
       f'model.d_model={m.d_model} must be a multiple of model.n_heads='
       f'{m.n_heads}',
   )
-  _require(
-      m.vocab_size >= data_lib.VOCAB_SIZE,
-      f'model.vocab_size={m.vocab_size} must be >= {data_lib.VOCAB_SIZE}, the'
-      ' byte tokenizer vocabulary',
-  )
+  check_data_source(config)
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('lowrank.scaling', config.lowrank.scaling, SCALING_RULES)
   _one_of('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _one_of('base.kind', config.base.kind, BASE_KINDS)
-  _one_of('data.source', config.data.source, DATA_SOURCES)
   _positive('optim.learning_rate', config.optim.learning_rate)
   _positive('data.batch_size', config.data.batch_size)
   _positive('data.seq_len', config.data.seq_len)
@@ -66,6 +63,31 @@ def check_config(config: ml_collections.ConfigDict) -> int:
     )
     data_lib.read_jsonl(config.data.path)  # names a bad file or line
   return check_ranks(config)
+
+
+def check_data_source(config: ml_collections.ConfigDict) -> None:
+  """The data source, the tokenizer and the model vocabulary agree."""
+  source = config.data.source
+  _require(
+      source in DATA_SOURCES or hf_data.is_hf_source(source),
+      f'data.source={source!r} is not one of {DATA_SOURCES} or'
+      " 'hf:<dataset>'",
+  )
+  tokenizer = config.data.tokenizer
+  _one_of('data.tokenizer', tokenizer, data_lib.TOKENIZERS)
+  vocab = data_lib.VOCAB_SIZE
+  if tokenizer == 'bpe':
+    vocab = bpe.check_vocab_size(config.data.bpe_vocab_size)
+    _require(
+        config.base.kind == 'random',
+        "data.tokenizer='bpe' needs base.kind='random'; the pretrained base is"
+        ' byte-level',
+    )
+  _require(
+      config.model.vocab_size >= vocab,
+      f'model.vocab_size={config.model.vocab_size} must be >= {vocab}, the'
+      f' {tokenizer} vocabulary',
+  )
 
 
 def check_ranks(config: ml_collections.ConfigDict) -> int:

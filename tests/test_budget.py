@@ -9,6 +9,7 @@ import pytest
 from ctsft_jax import budget as budget_lib
 from ctsft_jax import errors
 from ctsft_jax import sweep
+from ctsft_jax import validate
 from experiments.configs import paper82
 
 PAPER_STEPS = {2: 640, 4: 320, 8: 160, 16: 80, 32: 40, 64: 20}
@@ -143,6 +144,24 @@ def test_flops_matched_with_anchor_outside_grid_is_a_user_error(make_config):
   config.studies.flops_matched.enabled = True
   with pytest.raises(errors.UserError, match='anchor_rank'):
     sweep.make_plan(config)
+
+
+@pytest.mark.xfail(
+    reason=(
+        'a repeated K in studies.budget_matched.ranks passes validation and'
+        ' gives duplicate budget_matched cells (and Setup rows)'
+    ),
+    strict=True,
+)
+def test_repeated_k_is_refused_or_planned_once(make_config):
+  config = make_config(studies__budget_matched__ranks=(1, 2, 2))
+  try:
+    validate.check_config(config)
+    plan = sweep.make_plan(config)
+  except errors.UserError as e:
+    assert 'ranks' in str(e)
+    return
+  assert len(set(plan.cells)) == len(plan.cells)
 
 
 def _paper_plan(prefix_shared):

@@ -181,6 +181,7 @@ def test_rerun_resumes_without_training(tiny_sweep, cache_dir, tmp_path):
   assert after['setup'] == before['setup']
 
 
+@pytest.mark.slow  # tests/test_resume.py kills and resumes in the default run
 def test_unfinished_run_resumes_from_its_checkpoint(
     tiny_sweep, cache_dir, tmp_path
 ):

@@ -78,8 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.studies.wallclock_matched.calibration_steps = 20  # timed steps per K
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'stdlib'  # stdlib | jsonl | synthetic
+  config.data.source = 'stdlib'  # stdlib | jsonl | synthetic | hf:<dataset>
   config.data.path = ''  # JSONL file of {"prompt", "response"} for jsonl
+  config.data.hf_split = 'train'  # hf: split read; train/eval are cut from it
+  config.data.hf_prompt_field = 'prompt'  # hf: column of the prompt text
+  config.data.hf_response_field = 'response'  # hf: column of the response
+  config.data.hf_subset = ''  # hf: Hub configuration name; '' = its default
+  config.data.tokenizer = 'bytes'  # bytes | bpe (trained on the train split)
+  config.data.bpe_vocab_size = 4096  # bpe: most ids incl. 4 specials (>= 261)
   config.data.seq_len = 64  # tokens per example
   config.data.max_prompt_tokens = 32  # prompt tokens kept, from its start
   config.data.eval_fraction = 0.1  # share held out for eval, by hash
@@ -117,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_batch = 64  # eval rows per forward pass
   config.train.checkpoint_every_chunks = 4  # save run state every n chunks
   config.train.cache_dir = ''  # data/base cache; '' = ~/.cache/ctsft_jax
+  config.train.tensorboard = False  # also write TensorBoard event files
   # Persistent XLA compilation cache; '' = <cache_dir>/jax_cache, 'none' = off.
   config.train.compilation_cache_dir = ''
 
