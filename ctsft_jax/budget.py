@@ -95,7 +95,7 @@ def budget_param_steps(budget_config, trainable: dict[int, int]) -> int:
 
 
 def ranks_needed(studies: ml_collections.ConfigDict) -> list[int]:
-  """Every K that the enabled studies train, plus the budget anchor."""
+  """Every K that the enabled studies train (the anchor K may not be one)."""
   ranks = set()
   if studies.budget_matched.enabled:
     ranks.update(studies.budget_matched.ranks)

@@ -73,3 +73,28 @@ def log_start(config) -> None:
       jax.process_count(),
   )
   logging.info('Config:\n%s', config)
+
+
+def initialize_distributed(config) -> None:
+  """Joins a multi-host job (TPU pods, multi-node GPU) when asked to.
+
+  `jax.distributed.initialize()` finds the coordinator from the TPU or
+  cluster environment. Every process runs the same command; the lanes are
+  split over all devices of all hosts.
+  """
+  if config.train.distributed and not _distributed_state['done']:
+    jax.distributed.initialize()
+    _distributed_state['done'] = True
+    logging.info(
+        'Process %d of %d joined the job',
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+
+_distributed_state = {'done': False}
+
+
+def is_writer() -> bool:
+  """Whether this process writes results, reports and the manifest."""
+  return jax.process_index() == 0

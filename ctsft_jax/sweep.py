@@ -19,6 +19,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -101,24 +102,25 @@ def eval_sets(config, split) -> dict:
 def make_plan(config, seconds_per_step=None) -> budget_lib.Plan:
   """The plan of the config's studies; axis cells where costs are known."""
   targets = tuple(config.lowrank.targets)
+  anchor_rank = config.budget.anchor_rank
+  # The anchor K's params define the budget even when no study trains it.
   trainable = {
       k: lowrank.trainable_params(
           lowrank.factor_shapes(config.model, k, targets)
       )
-      for k in budget_lib.ranks_needed(config.studies)
+      for k in {*budget_lib.ranks_needed(config.studies), anchor_rank}
   }
   budget = budget_lib.budget_param_steps(config.budget, trainable)
   studies = config.studies
   ranks = tuple(studies.budget_matched.ranks)
   anchor = dict(
-      anchor_rank=config.budget.anchor_rank,
-      anchor_steps=config.budget.anchor_steps,
+      anchor_rank=anchor_rank, anchor_steps=config.budget.anchor_steps
   )
   extra = []
   if studies.flops_matched.enabled and studies.budget_matched.enabled:
     extra += budget_lib.axis_cells(
         ranks,
-        flops_lib.flops_per_step(config, ranks),
+        flops_lib.flops_per_step(config, {*ranks, anchor_rank}),
         study='flops_matched',
         **anchor,
     )
@@ -242,7 +244,8 @@ def calibrate(ctx: Context, programs: dict, steps: int) -> dict[int, float]:
   """Measured seconds of one train step of one lane, per K.
 
   Times `steps` steps of every lane on a throwaway state, after one untimed
-  warm-up chunk, and divides by the number of lanes.
+  warm-up chunk, and divides by the number of lanes. In a multi-host job
+  every process uses process 0's timings, so all plan the same cells.
   """
   seconds = {}
   for rank, prog in programs.items():
@@ -255,6 +258,11 @@ def calibrate(ctx: Context, programs: dict, steps: int) -> dict[int, float]:
     logging.info(
         'K=%d: %.2e s per lane-step (calibration)', rank, seconds[rank]
     )
+  if jax.process_count() > 1:
+    shared = multihost_utils.broadcast_one_to_all(
+        np.array(list(seconds.values()))
+    )
+    seconds = dict(zip(seconds, np.asarray(shared).tolist()))
   return seconds
 
 
@@ -384,7 +392,8 @@ def _load_manifest(workdir: str) -> dict:
 
 
 def _save_manifest(ctx: Context, manifest: dict) -> None:
-  checkpoint.write_json(os.path.join(ctx.workdir, 'manifest.json'), manifest)
+  if environment.is_writer():
+    checkpoint.write_json(os.path.join(ctx.workdir, 'manifest.json'), manifest)
 
 
 def compile_all(ctx: Context, manifest: dict) -> dict:
@@ -419,6 +428,7 @@ def run_sweep(
   Every check of the user's input (config values, data file, base
   checkpoint, workdir) runs before anything is logged or computed.
   """
+  environment.initialize_distributed(config)
   validate.check_config(config)
   make_plan(config)  # a budget too small for some K fails here
   base_lib.check_checkpoint(config)
@@ -433,14 +443,20 @@ def run_sweep(
     return _run_sweep(config, workdir)
 
 
+def _apply_calibration(ctx: Context, manifest: dict) -> None:
+  """Adds the wall-clock matched cells once seconds per step are known."""
+  if 'seconds_per_step' in manifest:
+    seconds = {int(k): v for k, v in manifest['seconds_per_step'].items()}
+    ctx.plan = make_plan(ctx.config, seconds)
+    ctx.flops_per_step = flops_lib.flops_per_step(ctx.config, ctx.plan.runs)
+
+
 def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ctx = prepare(config, workdir)
   manifest = _load_manifest(workdir)
+  _apply_calibration(ctx, manifest)  # a rerun plans with the stored timings
   programs = compile_all(ctx, manifest)
-  if 'seconds_per_step' in manifest:
-    seconds = {int(k): v for k, v in manifest['seconds_per_step'].items()}
-    ctx.plan = make_plan(config, seconds)
-    ctx.flops_per_step = flops_lib.flops_per_step(config, ctx.plan.runs)
+  _apply_calibration(ctx, manifest)
   log_plan(ctx.plan, ctx.base_info['max_rank'])
   if manifest.get('base_eval_loss') is None and programs:
     prog = next(iter(programs.values()))
@@ -457,8 +473,9 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _save_manifest(ctx, manifest)
   _save_manifest(ctx, manifest)
   results = results_lib.results_dict(ctx, manifest, _run_id)
-  for name, path in report.write_all(results, workdir).items():
-    logging.info('Wrote %s: %s', name, path)
+  if environment.is_writer():
+    for name, path in report.write_all(results, workdir).items():
+      logging.info('Wrote %s: %s', name, path)
   return results
 
 
@@ -496,4 +513,5 @@ def check_workdir(
         metrics_lib.TENSORBOARD_DIR,
     ):
       shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-  checkpoint.write_json(path, new)
+  if environment.is_writer():
+    checkpoint.write_json(path, new)

@@ -90,9 +90,31 @@ def check_data_source(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def _unique(name: str, values) -> None:
+  repeated = sorted({v for v in values if list(values).count(v) > 1})
+  _require(not repeated, f'{name} repeats {repeated}; list each value once')
+
+
 def check_ranks(config: ml_collections.ConfigDict) -> int:
-  ranks = budget_lib.ranks_needed(config.studies)
+  studies = config.studies
+  ranks = budget_lib.ranks_needed(studies)
   _require(bool(ranks), 'no study is enabled; enable one under studies.*')
+  _unique('studies.budget_matched.ranks', studies.budget_matched.ranks)
+  _unique(
+      'studies.budget_multipliers.multipliers',
+      studies.budget_multipliers.multipliers,
+  )
+  _unique('studies.crossover.high_steps', studies.crossover.high_steps)
+  _require(
+      not studies.wallclock_matched.enabled
+      or (
+          studies.budget_matched.enabled
+          and config.budget.anchor_rank in studies.budget_matched.ranks
+      ),
+      'studies.wallclock_matched needs budget.anchor_rank='
+      f'{config.budget.anchor_rank} among studies.budget_matched.ranks (its'
+      ' seconds per step are measured); add it or disable wallclock_matched',
+  )
   for k in ranks:
     _require(k > 0, f'K={k} must be a positive integer rank')
   max_rank = lowrank.max_rank(config.model, tuple(config.lowrank.targets))

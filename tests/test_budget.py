@@ -8,6 +8,7 @@ import pytest
 
 from ctsft_jax import budget as budget_lib
 from ctsft_jax import errors
+from ctsft_jax import flops as flops_lib
 from ctsft_jax import sweep
 from ctsft_jax import validate
 from experiments.configs import paper82
@@ -112,14 +113,6 @@ def test_anchor_rank_outside_the_plan_is_a_user_error():
     budget_lib.budget_param_steps(budget_config, {2: 200, 4: 400})
 
 
-@pytest.mark.xfail(
-    reason=(
-        'budget.ranks_needed documents "plus the budget anchor" but does not'
-        ' add budget.anchor_rank, so a K grid without the anchor K fails'
-        ' instead of using the anchor budget'
-    ),
-    strict=True,
-)
 def test_grid_without_the_anchor_k_still_uses_the_anchor_budget():
   config = paper82.get_config()
   config.studies.budget_matched.ranks = (2, 4, 8)
@@ -129,30 +122,18 @@ def test_grid_without_the_anchor_k_still_uses_the_anchor_budget():
   assert {r['K']: r['steps'] for r in rows} == {2: 640, 4: 320, 8: 160}
 
 
-@pytest.mark.xfail(
-    reason=(
-        'sweep.make_plan passes flops for budget_matched.ranks only to'
-        ' budget.axis_cells, which indexes cost_per_step[anchor_rank]: an'
-        ' anchor K outside the grid raises KeyError (a traceback) instead of'
-        ' a UserError'
-    ),
-    raises=KeyError,
-    strict=True,
-)
-def test_flops_matched_with_anchor_outside_grid_is_a_user_error(make_config):
+def test_flops_matched_with_anchor_outside_grid_uses_the_anchor_flops(
+    make_config,
+):
   config = make_config(budget__param_steps=1250, budget__anchor_rank=4)
   config.studies.flops_matched.enabled = True
-  with pytest.raises(errors.UserError, match='anchor_rank'):
-    sweep.make_plan(config)
+  plan = sweep.make_plan(config)
+  flops = flops_lib.flops_per_step(config, (1, 2, 4))
+  budget = flops[4] * config.budget.anchor_steps
+  cells = {c.rank: c.steps for c in plan.cells if c.study == 'flops_matched'}
+  assert cells == {k: round(budget / flops[k]) for k in (1, 2)}
 
 
-@pytest.mark.xfail(
-    reason=(
-        'a repeated K in studies.budget_matched.ranks passes validation and'
-        ' gives duplicate budget_matched cells (and Setup rows)'
-    ),
-    strict=True,
-)
 def test_repeated_k_is_refused_or_planned_once(make_config):
   config = make_config(studies__budget_matched__ranks=(1, 2, 2))
   try:

@@ -124,6 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every_chunks = 4  # save run state every n chunks
   config.train.cache_dir = ''  # data/base cache; '' = ~/.cache/ctsft_jax
   config.train.tensorboard = False  # also write TensorBoard event files
+  # Multi-host: call jax.distributed.initialize() first (TPU pods, clusters).
+  config.train.distributed = False
   # Persistent XLA compilation cache; '' = <cache_dir>/jax_cache, 'none' = off.
   config.train.compilation_cache_dir = ''
 
