@@ -436,6 +436,7 @@ def run_sweep(
   environment.log_start(config)
   cache = environment.enable_compilation_cache(
       config.train.compilation_cache_dir
+      or os.environ.get('JAX_COMPILATION_CACHE_DIR')
       or os.path.join(base_lib.cache_root(config), 'jax_cache')
   )
   logging.info('Compilation cache: %s', cache)

@@ -179,21 +179,15 @@ def test_rerun_resumes_without_training(tiny_sweep, cache_dir, tmp_path):
   for run_id in _read_json(workdir, 'manifest.json')['runs']:
     assert f'{run_id} finished earlier' in proc.stderr, run_id
   assert ': step ' not in proc.stderr  # no progress line: nothing trained
+  assert 'compiled init' not in proc.stderr
   after = _read_json(workdir, 'results.json')
   assert after['cells'] == before['cells']
   assert after['setup'] == before['setup']
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason=(
-        'sweep.compile_all decides what to compile from the plan made before'
-        ' the stored wall-clock calibration is applied, so a rerun compiles'
-        ' every K whose longest run a wallclock_matched cell lengthened'
-    ),
-    strict=True,
-)
 def test_rerun_with_wallclock_cells_compiles_nothing(cache_dir, tmp_path):
+  """The rerun plans with the stored calibration before compiling."""
   # param-steps give each K 1 step; the wall-clock anchor (K=2 x 4 steps)
   # then always lengthens K=2's run to 4 steps.
   flags = tiny_flags(

@@ -126,7 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.tensorboard = False  # also write TensorBoard event files
   # Multi-host: call jax.distributed.initialize() first (TPU pods, clusters).
   config.train.distributed = False
-  # Persistent XLA compilation cache; '' = <cache_dir>/jax_cache, 'none' = off.
+  # Persistent XLA compilation cache; '' = $JAX_COMPILATION_CACHE_DIR if set,
+  # else <cache_dir>/jax_cache; 'none' = off.
   config.train.compilation_cache_dir = ''
 
   if arg == 'smoke':
