@@ -122,7 +122,8 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """The frozen base params and a JSON-able description of where they came from."""
   base_cfg = config.base
   if base_cfg.kind == 'random':
-    params = model_lib.init_base(config.model, jax.random.key(base_cfg.seed))
+    init = jax.jit(functools.partial(model_lib.init_base, config.model))
+    params = init(jax.random.key(base_cfg.seed))  # eager init is much slower
     return params, dict(kind='random', seed=base_cfg.seed)
   abstract = _abstract_params(config)
   if base_cfg.checkpoint:

@@ -384,8 +384,11 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
   rank = settings.scaling_rank or max(
       ctx.plan.runs, key=lambda k: sum(r.total_steps for r in ctx.plan.runs[k])
   )
-  seeds_rows = []
+  seeds_rows, devices = [], jax.device_count()
   for n in settings.scaling_seeds:
+    if n % devices:  # lanes are split evenly over the devices
+      seeds_rows.append(dict(K=rank, seeds=n, skipped=f'{devices} devices'))
+      continue
     sub = _with_lanes(ctx, n)
     if n == len(ctx.lanes) and rank in programs:
       prog = programs[rank]
@@ -742,9 +745,10 @@ def _md_agreement(r: dict) -> list[str]:
   if 'max_abs_diff' in a:
     lines.append(
         'Final eval loss of every seed in every cell, engine (both passes)'
-        f" against the straightforward loop: max abs diff {_fmt(a['max_abs_diff'])},"
-        f" max rel diff {_fmt(a['max_rel_diff'])}, tolerance rtol"
-        f" {a['rtol']:g}: **{'agree' if a['within_rtol'] else 'DISAGREE'}**."
+        ' against the straightforward loop: max abs diff'
+        f" {_fmt(a['max_abs_diff'])}, max rel diff"
+        f" {_fmt(a['max_rel_diff'])}, tolerance rtol {a['rtol']:g}:"
+        f" **{'agree' if a['within_rtol'] else 'DISAGREE'}**."
     )
   lines += [
       'Engine with prefix sharing against one run per cell: max abs diff'
@@ -798,7 +802,9 @@ def _md_scaling(r: dict) -> list[str]:
 
   def rows(entries):
     return [
-        [
+        [e['K'], e['seeds'], f"skipped: not a multiple of {e['skipped']}"]
+        if 'skipped' in e
+        else [
             e['K'],
             e['seeds'],
             _fmt(e['s_per_step'], '.4f'),
@@ -857,7 +863,11 @@ def markdown(r: dict) -> str:
       ),
       '',
       'NOTE: wall-clock numbers are from one run; on a shared or busy'
-      ' machine they are noisy, and the ratios less so than the seconds.',
+      ' machine they are noisy, and the ratios less so than the seconds.'
+      f" Here: {r['cpu_count']} CPUs, 1-minute load average"
+      f" {r['load_avg']['start']:.1f} at the start and"
+      f" {r['load_avg']['end']:.1f} at the end; this process used"
+      f" {r['cpu_s']:.0f} CPU seconds in {r['wall_s']:.0f} s.",
       '',
   ]
   sections = (
@@ -974,7 +984,8 @@ def _context(ctx: sweep.Context) -> dict:
 
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the benchmark; writes benchmark.json and benchmark.md to workdir."""
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
+  load_start = os.getloadavg()
   settings = settings_of(config)
   check_settings(settings)
   _check_workdir(workdir)
@@ -1001,6 +1012,9 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
       persistent_cache_hits=hits.count,
       setup_s=setup_s,
       wall_s=time.perf_counter() - start,
+      cpu_s=time.process_time() - cpu_start,
+      load_avg=dict(start=load_start[0], end=os.getloadavg()[0]),
+      cpu_count=os.cpu_count(),
   )
   result['targets'] = targets(result)
   paths = {

@@ -6,6 +6,9 @@ a 2-core CPU.
 """
 
 import functools
+import os
+import shutil
+import tempfile
 
 import jax
 import ml_collections
@@ -17,6 +20,28 @@ from experiments.configs import paper82
 
 # The event jax records once per XLA backend compilation (jax._src.dispatch).
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+def pytest_configure(config):
+  """Binaries run by the tests share one persistent compilation cache.
+
+  Set only in the environment the subprocesses inherit: this process has
+  imported jax already, so its in-process compile counts stay exact.
+  """
+  del config
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _SESSION_CACHE.append(tempfile.mkdtemp(prefix='ctsft-jax-cache-'))
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE[0]
+
+
+def pytest_unconfigure(config):
+  del config
+  for directory in _SESSION_CACHE:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
+
+
+_SESSION_CACHE = []
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
