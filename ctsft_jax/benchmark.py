@@ -493,7 +493,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def summarize(ctx: sweep.Context, measured: dict, settings) -> dict:
-  """The headline numbers: the three ways, ratios, FLOPs, compile, memory."""
+  """The headline numbers: the three ways, ratios, FLOPs, compile, losses."""
   programs, machine = measured['programs'], measured['machine']
   compile_s = {k: p.compile_seconds for k, p in programs.items()}
   engine = _way(ctx, measured['engine']['per_rank'], compile_s)
@@ -627,7 +627,9 @@ def _md_setup(r: dict) -> list[str]:
       '',
       f"Steps per lane: {r['train_steps']['shared']} with prefix sharing,"
       f" {r['train_steps']['unshared']} with one run per cell (the engine"
-      ' without sharing and the straightforward way).',
+      ' without sharing and the straightforward way). The three take turns'
+      ' K by K; the engine compiles every K first, as the sweep does, and'
+      ' the loop compiles each K at its turn. No checkpoints are written.',
   ]
   if r.get('left_out'):
     lines += ['', f"Left out: {r['left_out']}"]
@@ -924,20 +926,34 @@ def _check_workdir(workdir: str) -> None:
     ) from None
 
 
+def _merge(parts: list[dict]) -> dict:
+  out = dict(per_rank={}, losses={})
+  for part in parts:
+    out['per_rank'].update(part['per_rank'])
+    out['losses'].update(part['losses'])
+  return out
+
+
 def measure(ctx: sweep.Context, settings) -> dict:
-  """Runs the three ways and the scaling tables; returns raw measurements."""
+  """Runs the three ways and the scaling tables; returns raw measurements.
+
+  The ways take turns K by K (engine with sharing, engine one run per cell,
+  loop), so a change in the machine's load during the benchmark falls on
+  all three alike rather than on whichever runs last.
+  """
   memory = dict(setup=peak_memory())
   programs = compile_engine(ctx)
   prog = next(iter(programs.values()))
   untuned = prog.init(*sweep.init_args(ctx, 1))  # B = 0: the base model
   base_loss = prog.evaluate(untuned.params, ctx.base, ctx.eval_sets['report'])
-  engine = engine_pass(ctx, programs, ctx.plan.runs)
-  memory['engine'] = peak_memory()
-  unshared = engine_pass(ctx, programs, unshared_runs(ctx.plan))
-  loop = None
-  if settings.straightforward:
-    loop = loop_pass(ctx, unshared_runs(ctx.plan))
-  memory['straightforward'] = peak_memory()
+  per_cell = unshared_runs(ctx.plan)
+  engine, unshared, loop = [], [], []
+  for rank, runs in ctx.plan.runs.items():
+    engine.append(engine_pass(ctx, programs, {rank: runs}))
+    unshared.append(engine_pass(ctx, programs, {rank: per_cell[rank]}))
+    if settings.straightforward:
+      loop.append(loop_pass(ctx, {rank: per_cell[rank]}))
+  memory['training'] = peak_memory()
   scale = scaling(ctx, programs, settings)
   memory['scaling'] = peak_memory()
   machine = machine_limit(settings)
@@ -945,9 +961,9 @@ def measure(ctx: sweep.Context, settings) -> dict:
   return dict(
       programs=programs,
       base_eval_loss=float(np.asarray(base_loss)[0]),
-      engine=engine,
-      unshared=unshared,
-      loop=loop,
+      engine=_merge(engine),
+      unshared=_merge(unshared),
+      loop=_merge(loop) if settings.straightforward else None,
       scaling=scale,
       machine=machine,
       memory=memory,
