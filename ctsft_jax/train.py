@@ -339,6 +339,28 @@ def placement(n_lanes: int, devices=None) -> Placement:
   )
 
 
+def _program_shardings(place: Placement, state, *, shared_data: bool):
+  """jit sharding arguments of init, chunk and eval; none on one device."""
+  if place.lanes is None:
+    return dict(init={}, chunk={}, eval={})
+  state_sh, rep = place.of(state), place.replicated
+  losses = jax.sharding.NamedSharding(
+      place.lanes.mesh, jax.sharding.PartitionSpec(None, 'lanes')
+  )
+  keys = rep if shared_data else place.lanes
+  return dict(
+      init=dict(in_shardings=place.lanes, out_shardings=state_sh),
+      chunk=dict(
+          in_shardings=(state_sh, rep, rep, keys, rep),
+          out_shardings=(state_sh, losses),
+      ),
+      eval=dict(
+          in_shardings=(state_sh.params, rep, rep),
+          out_shardings=place.lanes,
+      ),
+  )
+
+
 def compile_programs(
     task: Task,
     *,
@@ -376,49 +398,24 @@ def compile_programs(
   lanes_i32 = jax.ShapeDtypeStruct((n_lanes,), jnp.int32)
   init = functools.partial(init_state, task, optimizer)
   state = jax.eval_shape(init, init_keys, lanes_f32, lanes_i32)
-  state_sh, rep = place.of(state), place.replicated
-  losses_sh = None
-  if place.lanes is not None:
-    losses_sh = jax.sharding.NamedSharding(
-        place.lanes.mesh, jax.sharding.PartitionSpec(None, 'lanes')
-    )
+  shardings = _program_shardings(place, state, shared_data=shared_data)
+  n_steps = jax.ShapeDtypeStruct((), jnp.int32)
   start = time.perf_counter()
   init_c = (
-      jax.jit(init, in_shardings=place.lanes, out_shardings=state_sh)
+      jax.jit(init, **shardings['init'])
       .lower(init_keys, lanes_f32, lanes_i32)
       .compile()
   )
   chunk_c = (
-      jax.jit(
-          chunk,
-          in_shardings=(
-              state_sh,
-              rep,
-              rep,
-              rep if shared_data else place.lanes,
-              rep,
-          )
-          if place.lanes is not None
-          else None,
-          out_shardings=(state_sh, losses_sh)
-          if place.lanes is not None
-          else None,
-          donate_argnums=0,
-      )
-      .lower(
-          state, frozen, train, data_keys, jax.ShapeDtypeStruct((), jnp.int32)
-      )
+      jax.jit(chunk, donate_argnums=0, **shardings['chunk'])
+      .lower(state, frozen, train, data_keys, n_steps)
       .compile()
   )
   eval_c = None
   if eval_data is not None:
     evaluate = make_evaluate(task, eval_batch=eval_batch)
     eval_c = (
-        jax.jit(
-            evaluate,
-            in_shardings=(state_sh.params, rep, rep) if state_sh else None,
-            out_shardings=place.lanes,
-        )
+        jax.jit(evaluate, **shardings['eval'])
         .lower(state.params, frozen, eval_data)
         .compile()
     )
