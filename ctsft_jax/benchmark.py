@@ -19,9 +19,14 @@ Three measurements, in one process, on the same cells, seeds and data:
 Compile time is measured with the persistent compilation cache off, and is
 reported both apart and included. The engine writes no checkpoints here, so
 the numbers are training, evaluation and compilation only. Both ways must
-give the same per-seed eval losses (within `settings.rtol`); the engine's
-lanes also hold a lane whose loss goes non-finite, which the loop does not
-do, so a diverging lane is the one expected source of disagreement.
+give the same per-seed eval losses up to float rounding (`settings.rtol`).
+The engine also holds a lane whose loss goes non-finite and the loop does
+not, so a diverging lane would be reported as a disagreement.
+
+NOTE: on a CPU the engine's lanes buy no throughput (a seed-step costs the
+same with 1 or 16 lanes; see the scaling table), so there its advantage is
+prefix sharing alone. The lanes should pay off on accelerators, which one
+step of one seed leaves mostly idle; that has not been measured yet.
 """
 
 import contextlib
@@ -632,7 +637,7 @@ def _md_setup(r: dict) -> list[str]:
       ' the loop compiles each K at its turn. No checkpoints are written.',
   ]
   if r.get('left_out'):
-    lines += ['', f"Left out: {r['left_out']}"]
+    lines += ['', f"Left out: {r['left_out']}."]
   return lines
 
 

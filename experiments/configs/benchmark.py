@@ -1,7 +1,7 @@
 r"""The benchmark of the sweep engine: the paper 82 study, shortened.
 
-Launch (about 15 minutes on a quiet 2-core CPU; the straightforward loop
-takes about half of it):
+Launch (about 13 minutes on a 2-core CPU, a third of it the straightforward
+loop; measured on a shared machine, so a quiet one may be faster):
 
   python -m experiments.benchmark --workdir=runs/benchmark
 
@@ -10,13 +10,15 @@ Smoke variant (a tiny model, two K, synthetic data; about a minute):
   python -m experiments.benchmark --workdir=/tmp/bench \
     --config=experiments/configs/benchmark.py:smoke
 
-The default is paper82.py with every study on except wallclock_matched
-(its step counts come from a timing calibration) and with the two longest
+The default is paper82.py with a random base (its values do not change the
+work, and it needs no pretraining), every study on except wallclock_matched
+(its step counts come from a timing calibration), and with the two longest
 K=2 families cut so that the per-step loop fits the time: budget multipliers
 at 1x only (not 2x, 4x, 8x) and crossover at K=32 steps 5 ... 40 (not 80).
 That leaves 4 seeds and 21 cells at 17 distinct (K, steps) points. For the
-whole study pass `--config=experiments/configs/paper82.py` (about 4 hours
-on 2 cores, most of it the loop; minutes on a GPU). Override any key, e.g.
+whole study pass `--config=experiments/configs/paper82.py` (an estimated 50
+minutes on 2 cores, plus pretraining the base on first use; its `:smoke`
+variant takes about 3 minutes). Override any key of this file, e.g.
 `--config.seeds=8` or `--config.benchmark.straightforward=False`.
 """
 
