@@ -329,3 +329,32 @@ def test_smoke_config_with_stdlib_data_and_pretrained_base(tmp_path):
   # Tuning lowers the loss of the pretrained base on held-out functions.
   for cell in matched:
     assert max(cell['final_eval_loss']) < results['base_eval_loss']
+
+
+def test_lr_grid_picks_each_cells_rate_on_the_selection_half(
+    cache_dir, tmp_path
+):
+  """A grid of a sane and an absurd rate: every cell must pick the sane one.
+
+  The absurd rate (50) wrecks the factors within a few steps, so its
+  selection-half loss is far higher; the cells then report the sane rate's
+  seeds on the report half, which differ from the untuned full-set losses.
+  """
+  flags = tiny_flags(optim__lr_grid='(0.001,50.0)')
+  workdir = str(tmp_path / 'grid')
+  _assert_ok(run_binary(workdir, cache_dir, *flags))
+  results = _read_json(workdir, 'results.json')
+  assert results['learning_rates'] == [0.001, 50.0]
+  assert results['lr_tuned_per_cell'] is True
+  assert len(results['lanes']) == 2 * len(results['seeds'])
+  for cell in results['cells']:
+    assert cell['lr'] == 0.001, cell
+    chosen = cell['lr_selection_loss']
+    assert chosen['0.001'] < chosen['50.0']
+    assert len(cell['final_eval_loss']) == len(results['seeds'])
+  assert 'Tuned per cell over the grid' in _read_text(workdir, 'report.md')
+
+
+def _read_text(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return f.read()
