@@ -1,13 +1,18 @@
 r"""The K-budget study of the reference paper (paper 82), rerun with many seeds.
 
-Launch (about 5 minutes on a 2-core CPU for the budget-matched curve with 4
-seeds, base pretraining included; seconds on one GPU):
+Every study of the paper (budget-matched curve, K=2 at 1-8x the budget, the
+K=32 vs K=2 crossover, and the curve matched on FLOPs and on seconds), 4
+seeds, base pretraining included. Measured 10 min 48 s on a 2-core CPU that
+was also running a benchmark (most of it K=2's 5,120-step run); add
+`--config.studies.budget_multipliers.enabled=False
+--config.studies.crossover.enabled=False` for the budget-matched curve alone:
 
   python -m experiments.k_budget_sweep \
     --config=experiments/configs/paper82.py --workdir=runs/paper82
 
-Smoke variant (same K grid and budget anchor, tiny model and 2 seeds; well
-under a minute on 2 CPU cores):
+Smoke variant (the same studies, K grid and budget anchor with a 72-wide
+one-layer model and 2 seeds; 35 s to 2 min on 2 CPU cores depending on load,
+most of it compiling the six K's, less on a rerun with the compile cache):
 
   python -m experiments.k_budget_sweep \
     --config=experiments/configs/paper82.py:smoke --workdir=/tmp/smoke
