@@ -917,20 +917,6 @@ def check_settings(settings) -> None:
       raise errors.UserError(f'benchmark.{name}={settings[name]!r} {what}')
 
 
-def _check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write-probe')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise errors.UserError(
-        f'--workdir={workdir} cannot be written ({e.strerror}); choose a'
-        ' writable directory'
-    ) from None
-
-
 def _merge(parts: list[dict]) -> dict:
   out = dict(per_rank={}, losses={})
   for part in parts:
@@ -1009,7 +995,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   load_start = os.getloadavg()
   settings = settings_of(config)
   check_settings(settings)
-  _check_workdir(workdir)
+  checkpoint.ensure_writable(workdir)
   environment.log_start(config)
   hits = _CacheHits()
   jax.monitoring.register_event_listener(hits)

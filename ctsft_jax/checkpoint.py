@@ -46,6 +46,21 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def ensure_writable(workdir: str) -> None:
+  """Creates `workdir` and proves a file can be written there (UserError)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write-probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(
+        f'--workdir={workdir} cannot be written ({e.strerror}); choose a'
+        ' writable directory'
+    ) from None
+
+
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)

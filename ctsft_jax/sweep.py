@@ -484,17 +484,7 @@ def check_workdir(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
 ) -> None:
   """Creates the workdir, or refuses one made with a different config."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write-probe')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise errors.UserError(
-        f'--workdir={workdir} cannot be written ({e.strerror}); choose a'
-        ' writable directory'
-    ) from None
+  checkpoint.ensure_writable(workdir)
   path = os.path.join(workdir, 'config.json')
   new = json.loads(json.dumps(config.to_dict()))
   if os.path.exists(path) and not overwrite:
