@@ -8,6 +8,7 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a crash mid-save never leaves a directory that counts as the latest.
 """
 
+import copy
 import json
 import os
 import tempfile
@@ -98,12 +99,17 @@ class RunCheckpoints:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: PyTree, progress: dict) -> None:
-    """Saves asynchronously; `wait` (or `close`) makes it durable."""
+    """Saves asynchronously; `wait` (or `close`) makes it durable.
+
+    `progress` is copied first: the JSON is written in the background while
+    the caller goes on appending to its lists, and the saved copy must match
+    the saved state's step exactly.
+    """
     self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(progress),
+            progress=ocp.args.JsonSave(copy.deepcopy(progress)),
         ),
         force=True,
     )

@@ -76,3 +76,15 @@ def test_write_json_is_atomic_and_rejects_nan(tmp_path):
     checkpoint.write_json(path, {'a': float('nan')})
   assert checkpoint.read_json(path) == {'a': 1}  # the old file survives
   assert os.listdir(str(tmp_path)) == ['results.json']  # no temp file left
+
+
+def test_saved_progress_is_a_snapshot_of_the_saved_step(tmp_path):
+  """Appending to progress after save must not leak into the checkpoint."""
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+  progress = {'train_loss': [[1.0]] * 4}
+  ckpts.save(4, _state(4.0), progress)
+  progress['train_loss'] += [[2.0]] * 1000  # the next chunk, right away
+  ckpts.wait()
+  ckpts.close()
+  _, restored = _restore(str(tmp_path))
+  assert len(restored['train_loss']) == 4
