@@ -84,7 +84,7 @@ Cells = Sequence[Mapping[str, Any]]
 Points = dict[tuple[int, int], np.ndarray]
 
 
-def _as_array(values) -> np.ndarray:
+def as_float_array(values) -> np.ndarray:
   """Floats with NaN for None and for non-finite entries."""
   out = np.array(
       [np.nan if v is None else v for v in values], dtype=float
@@ -95,7 +95,7 @@ def _as_array(values) -> np.ndarray:
 
 def seed_values(cell: Mapping[str, Any], metric: str) -> np.ndarray:
   """One value per seed of a cell; NaN where that seed is not usable."""
-  out = _as_array(cell.get(metric) or [])
+  out = as_float_array(cell.get(metric) or [])
   status = list(cell.get('status') or [])
   for i, state in enumerate(status[: out.size]):
     if state == 'diverged':
@@ -112,7 +112,7 @@ def mean_ci(values) -> dict:
   Returns:
     {'mean', 'ci95': [lo, hi], 'n'}.
   """
-  x = _as_array(values)
+  x = as_float_array(values)
   x = x[np.isfinite(x)]
   n = int(x.size)
   mean = float(x.mean()) if n else math.nan
@@ -136,7 +136,7 @@ def paired(a, b, *, n_boot: int = 2000, seed: int = 0) -> dict:
     {'mean_diff', 'ci95': [lo, hi], 'p', 'n', 'prob_a_lower'}; NaN
     statistics when fewer than two pairs are usable.
   """
-  diff = _as_array(a) - _as_array(b)
+  diff = as_float_array(a) - as_float_array(b)
   diff = diff[np.isfinite(diff)]
   n = int(diff.size)
   out = {

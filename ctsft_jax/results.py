@@ -19,14 +19,12 @@ def finite_or_none(values) -> list:
   return [float(v) if np.isfinite(v) else None for v in np.asarray(values)]
 
 
-def _as_array(values) -> np.ndarray:
-  return np.array([np.nan if v is None else v for v in values], np.float64)
-
-
 def _window_mean(rows: list, steps: int) -> np.ndarray:
   """Per-lane mean train loss over the cell's last max(1, steps/10) steps."""
   width = max(1, round(steps / 10))
-  window = np.array([_as_array(r) for r in rows[steps - width : steps]])
+  window = np.array(
+      [analysis.as_float_array(r) for r in rows[steps - width : steps]]
+  )
   with np.errstate(all='ignore'):
     return np.nanmean(window, axis=0) if window.size else window
 
@@ -36,7 +34,7 @@ def _select_lr(ctx, evals: dict) -> tuple[int, dict]:
   n_lr = len(ctx.lrs)
   if 'select' not in evals:
     return 0, {}
-  select = _as_array(evals['select']).reshape(-1, n_lr)
+  select = analysis.as_float_array(evals['select']).reshape(-1, n_lr)
   with np.errstate(all='ignore'):
     means = np.nanmean(select, axis=0)
   best = int(np.nanargmin(means)) if np.isfinite(means).any() else 0
@@ -65,7 +63,7 @@ def cell_record(ctx, record: dict, cell: budget_lib.Cell, sec_per_step):
       flops=cell.steps * ctx.flops_per_step[cell.rank],
       wall_s=cell.steps * sec_per_step,
       lr=ctx.lrs[best],
-      final_eval_loss=per_seed(_as_array(evals['report'])),
+      final_eval_loss=per_seed(analysis.as_float_array(evals['report'])),
       final_train_loss=per_seed(_window_mean(record['train_loss'], cell.steps)),
       status=['diverged' if bad else 'ok' for bad in diverged],
       diverged_step=[
