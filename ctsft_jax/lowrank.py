@@ -1,8 +1,9 @@
 """The trainable low-rank factors: their shapes, initialisation and count.
 
 For a targeted weight W of shape (d_in, d_out) the factor tree holds
-`a` (d_in, K), drawn from N(0, 1/d_in), and `b` (K, d_out), all zeros, so the
-tuned model equals the base model exactly at step 0. The tree mirrors the
+`a` (K, d_in), drawn from N(0, 1/d_in), and `b` (K, d_out), all zeros, so the
+tuned model equals the base model exactly at step 0; the update of W is
+s(K) * a.T @ b (see `model.lowrank_delta` for why `a` is stored K-major). The tree mirrors the
 module paths of the model, e.g. factors['block_0']['attn']['q']['a'].
 """
 
@@ -49,7 +50,7 @@ def init_factors(shapes: PyTree, key: jax.Array) -> PyTree:
   out = {p: jnp.zeros(s.shape, s.dtype) for p, s in flat.items()}
   for row, (path, size) in enumerate(zip(a_paths, sizes)):
     shape = flat[path].shape
-    out[path] = noise[row, :size].reshape(shape) / np.sqrt(shape[0])
+    out[path] = noise[row, :size].reshape(shape) / np.sqrt(shape[1])
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
@@ -64,7 +65,7 @@ def target_dims(shapes: PyTree) -> dict[str, tuple[int, int]]:
   dims = {}
   for path, shape in flat.items():
     if path.endswith('/a'):
-      dims[path[: -len('/a')]] = (shape.shape[0], -1)
+      dims[path[: -len('/a')]] = (shape.shape[1], -1)
   for path, shape in flat.items():
     if path.endswith('/b'):
       d_in, _ = dims[path[: -len('/b')]]

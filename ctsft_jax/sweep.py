@@ -428,6 +428,8 @@ def run_sweep(
   Every check of the user's input (config values, data file, base
   checkpoint, workdir) runs before anything is logged or computed.
   """
+  validate.check_cpu_devices(config)
+  environment.split_cpu_host(config)
   environment.initialize_distributed(config)
   validate.check_config(config)
   make_plan(config)  # a budget too small for some K fails here

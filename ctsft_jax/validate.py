@@ -13,6 +13,7 @@ from ctsft_jax import optim
 SCALING_RULES = ('standard', 'rslora', 'none')
 BASE_KINDS = ('pretrained', 'random')
 DATA_SOURCES = ('stdlib', 'jsonl', 'synthetic')
+ATTENTION = ('einsum', 'dot_product_attention')
 
 
 def _require(ok: bool, message: str) -> None:
@@ -28,10 +29,20 @@ def _positive(name: str, value) -> None:
   _require(value > 0, f'{name}={value} must be > 0')
 
 
+def check_cpu_devices(config: ml_collections.ConfigDict) -> None:
+  """The values read before JAX starts: seeds and train.cpu_devices."""
+  _positive('seeds', config.seeds)
+  n = config.train.cpu_devices
+  _require(
+      isinstance(n, int) and n >= 0,
+      f'train.cpu_devices={n!r} must be 0 (one per core) or a device count',
+  )
+
+
 def check_config(config: ml_collections.ConfigDict) -> int:
   """Raises UserError on the first bad value; returns the largest valid K."""
   m = config.model
-  _positive('seeds', config.seeds)
+  check_cpu_devices(config)
   for name in ('d_model', 'n_heads', 'n_layers', 'd_mlp', 'max_len'):
     _positive(f'model.{name}', m[name])
   _require(
@@ -41,6 +52,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   )
   check_data_source(config)
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
+  _one_of('model.attention', m.attention, ATTENTION)
   _one_of('lowrank.scaling', config.lowrank.scaling, SCALING_RULES)
   _one_of('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _one_of('base.kind', config.base.kind, BASE_KINDS)

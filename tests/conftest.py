@@ -29,6 +29,11 @@ def pytest_configure(config):
   imported jax already, so its in-process compile counts stay exact.
   """
   del config
+  # Start JAX now, with its default single CPU device: the binaries' mains
+  # split a CPU host into one device per core only before JAX has started
+  # (environment.split_cpu_host), so an in-process test must not be the
+  # first to start it. Tests of the split run in subprocesses.
+  jax.devices()
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     _SESSION_CACHE.append(tempfile.mkdtemp(prefix='ctsft-jax-cache-'))
     os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE[0]

@@ -167,7 +167,7 @@ def test_matmul_throughput_skips_sizes_predicted_too_slow():
   )
   first, second = out['sizes']
   assert first['n'] == 16 and first['gflop_per_s'] > 0
-  assert second == dict(n=4096, skipped='predicted too slow')
+  assert second == dict(n=4096, devices=1, skipped='predicted too slow')
   assert out['peak_gflop_per_s'] == first['gflop_per_s']
 
 

@@ -91,14 +91,14 @@ def test_no_matching_target_gives_empty_tree_and_max_rank_error(make_config):
     lowrank.max_rank(config.model, ('nothing/*',))
 
 
-def test_factor_shapes_are_d_in_by_k_and_k_by_d_out(make_config):
+def test_factor_shapes_are_k_by_d_in_and_k_by_d_out(make_config):
   config = make_config()
   shapes = lowrank.factor_shapes(config.model, 3, ALL_TARGETS)
   d, d_mlp = config.model.d_model, config.model.d_mlp
   up = shapes['block_0']['mlp']['up']
   down = shapes['block_0']['mlp']['down']
-  assert up['a'].shape == (d, 3) and up['b'].shape == (3, d_mlp)
-  assert down['a'].shape == (d_mlp, 3) and down['b'].shape == (3, d)
+  assert up['a'].shape == (3, d) and up['b'].shape == (3, d_mlp)
+  assert down['a'].shape == (3, d_mlp) and down['b'].shape == (3, d)
   head = shapes['head']
   assert head['b'].shape == (3, config.model.vocab_size)
   assert lowrank.target_dims(shapes)['block_0/mlp/down'] == (d_mlp, d)
@@ -149,7 +149,7 @@ def test_init_factors_b_zero_a_scaled_by_fan_in(make_config, make_factors):
       assert not value.any(), path
     else:
       # std 1/sqrt(d_in): d_in * var(A) is 1 up to sampling error.
-      assert value.shape[0] * value.var() == pytest.approx(1.0, abs=0.35)
+      assert value.shape[1] * value.var() == pytest.approx(1.0, abs=0.35)
       assert abs(value.mean()) < 0.1
 
 

@@ -100,7 +100,7 @@ def test_base_model_has_no_lowrank_collection(make_config):
     [('standard', 16.0 / 4), ('rslora', 16.0 / 2), ('none', 1.0)],
 )
 def test_head_layer_matches_numpy(make_config, setup, rule, expected_scale):
-  """head(x) = x @ W + b + s(K) (x @ A) @ B with K=4, alpha=16."""
+  """head(x) = x @ W + b + s(K) (x @ a.T) @ b with K=4, alpha=16."""
   config = make_config()
   tokens = _tokens(config)
   base, factors, tuned = setup(config, rank=4, scaling_rule=rule)
@@ -118,7 +118,7 @@ def test_head_layer_matches_numpy(make_config, setup, rule, expected_scale):
   b = np.asarray(base['head']['bias'], np.float64)
   a_f = np.asarray(factors['head']['a'], np.float64)
   b_f = np.asarray(factors['head']['b'], np.float64)
-  expected = x @ w + b + expected_scale * (x @ a_f) @ b_f
+  expected = x @ w + b + expected_scale * (x @ a_f.T) @ b_f
   np.testing.assert_allclose(logits, expected, rtol=2e-5, atol=2e-5)
 
 
@@ -140,7 +140,7 @@ def test_standalone_dense_matches_numpy():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)), jnp.float32)
   layer = _OneDense(rank=2, scale=0.5, targets=('head',))
   variables = jax.eval_shape(layer.init, jax.random.key(0), x)
-  assert variables[model_lib.LOWRANK]['head']['a'].shape == (7, 2)
+  assert variables[model_lib.LOWRANK]['head']['a'].shape == (2, 7)
   assert variables[model_lib.LOWRANK]['head']['b'].shape == (2, 5)
   rng = np.random.default_rng(1)
   params = {
@@ -151,14 +151,14 @@ def test_standalone_dense_matches_numpy():
   }
   factors = {
       'head': {
-          'a': rng.normal(size=(7, 2)).astype(np.float32),
+          'a': rng.normal(size=(2, 7)).astype(np.float32),
           'b': rng.normal(size=(2, 5)).astype(np.float32),
       }
   }
   got = _apply(layer, {'params': params, model_lib.LOWRANK: factors}, x)
   x64 = np.asarray(x, np.float64)
   p, f = params['head'], factors['head']
-  expected = x64 @ p['kernel'] + p['bias'] + 0.5 * (x64 @ f['a']) @ f['b']
+  expected = x64 @ p['kernel'] + p['bias'] + 0.5 * (x64 @ f['a'].T) @ f['b']
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -211,3 +211,46 @@ def test_bfloat16_changes_logits_but_returns_float32(make_config, setup):
   # Same parameters, lower precision: close but not identical.
   assert not np.array_equal(np.asarray(logits), np.asarray(logits32))
   np.testing.assert_allclose(logits, logits32, atol=0.1)
+
+
+def _plain_delta(x, a, b):
+  return (x @ a.T) @ b
+
+
+@pytest.mark.parametrize('lanes', [None, 3])
+def test_lowrank_delta_gradients_equal_autodiff_of_the_plain_product(lanes):
+  """The custom backward pass gives autodiff's gradients, also under vmap."""
+  rng = np.random.default_rng(0)
+  lead = (lanes,) if lanes else ()
+  x = jnp.asarray(rng.normal(size=lead + (2, 5, 7)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=lead + (3, 7)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=lead + (3, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=lead + (2, 5, 4)), jnp.float32)
+
+  def grads(delta):
+    loss = lambda x, a, b, g: jnp.sum(jnp.sin(delta(x, a, b)) * g)
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return (jax.vmap(grad) if lanes else grad)(x, a, b, g)
+
+  got, want = grads(model_lib.lowrank_delta), grads(_plain_delta)
+  for got_i, want_i in zip(got, want):
+    assert got_i.shape == want_i.shape
+    np.testing.assert_allclose(got_i, want_i, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_attention_equals_jax_dot_product_attention(make_config):
+  """The written-out causal attention matches jax.nn's on the whole model."""
+  config = make_config()
+  tokens = _tokens(config)
+  logits = {}
+  for impl in ('einsum', 'dot_product_attention'):
+    config.model.attention = impl
+    module = model_lib.build(config.model)
+    base = module.init(jax.random.key(0), tokens)['params']
+    logits[impl] = module.apply({'params': base}, tokens)
+  np.testing.assert_allclose(
+      logits['einsum'], logits['dot_product_attention'], rtol=1e-5, atol=1e-5
+  )
+  config.model.attention = 'flash'
+  with pytest.raises(ValueError, match='model.attention'):
+    model_lib.build(config.model).init(jax.random.key(0), tokens)

@@ -77,10 +77,23 @@ def wait_for_checkpoint(workdir, proc, timeout=300):
 
 
 def factors(workdir, run_id):
+  """The latest saved state of a run, restored onto this process's device.
+
+  The sweep may have split its lanes over several CPU devices
+  (train.cpu_devices), so the target says where the arrays go.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
   directory = os.path.join(workdir, 'checkpoints', run_id)
-  with ocp.CheckpointManager(directory, item_names=('state',)) as manager:
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  handlers = dict(state=ocp.StandardCheckpointHandler())
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
     step = manager.latest_step()
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+        manager.item_metadata(step)['state'],
+    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     state = manager.restore(step, args=args)['state']
   return step, state
 

@@ -11,6 +11,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+from ctsft_jax import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,3 +93,66 @@ def test_lanes_split_over_four_devices_match_one_device():
   np.testing.assert_allclose(split['evals'], single['evals'], rtol=1e-5)
   assert len(set(single['evals'])) == 4  # the lanes really differ
   assert '6 lanes' in out['uneven_error'] and '4 devices' in out['uneven_error']
+
+
+@pytest.mark.parametrize(
+    'requested, lanes, cores, expected',
+    [
+        (0, 4, 2, 2),  # one device per core
+        (0, 3, 2, 1),  # 2 does not divide 3 lanes: one device
+        (0, 1, 16, 1),  # never more devices than lanes
+        (0, 12, 8, 6),  # the largest count <= cores that divides the lanes
+        (0, 8, 16, 8),
+        (3, 4, 2, 3),  # an explicit count is taken as it is
+    ],
+)
+def test_cpu_device_count(requested, lanes, cores, expected):
+  assert environment.cpu_device_count(requested, lanes, cores) == expected
+
+
+SPLIT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from experiments.configs import paper82
+    from ctsft_jax import environment
+
+    config = paper82.get_config('smoke')
+    config.unlock()
+    config.seeds, config.train.cpu_devices = int(sys.argv[1]), int(sys.argv[2])
+    first = environment.split_cpu_host(config)
+    devices = jax.device_count()  # JAX starts here
+    config.train.cpu_devices = devices + 1
+    again = environment.split_cpu_host(config)  # too late: the count stays
+    print('RESULT' + json.dumps(dict(
+        set=first, again=again, devices=devices, now=jax.device_count())))
+""")
+
+
+@pytest.mark.parametrize(
+    'seeds, requested, xla_flags, expected',
+    [
+        (6, 3, '', 3),
+        (1, 0, '', 1),
+        (6, 3, '--xla_force_host_platform_device_count=2', 2),
+    ],
+)
+def test_split_cpu_host_sets_the_device_count_before_jax_starts(
+    seeds, requested, xla_flags, expected
+):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
+  proc = subprocess.run(
+      [sys.executable, '-c', SPLIT_SCRIPT, str(seeds), str(requested)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
+  out = json.loads(line[len('RESULT') :])
+  assert out['devices'] == out['now'] == expected
+  # XLA_FLAGS wins over the config; asking for another count after JAX
+  # started changes nothing.
+  assert out['set'] == (None if xla_flags else expected)
+  assert out['again'] is None

@@ -33,6 +33,9 @@ def model_config() -> ml_collections.ConfigDict:
   model.d_mlp = 256  # MLP hidden width
   model.max_len = 64  # positions; at least data.seq_len
   model.dtype = 'float32'  # compute dtype: float32 or bfloat16
+  # einsum (written out; faster on CPU) | dot_product_attention (jax.nn's,
+  # which lets JAX choose the implementation for the backend)
+  model.attention = 'einsum'
   return model
 
 
@@ -131,6 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.tensorboard = False  # also write TensorBoard event files
   # Multi-host: call jax.distributed.initialize() first (TPU pods, clusters).
   config.train.distributed = False
+  # CPU backend only: JAX devices the host is split into, lanes spread over
+  # them so that cores train different lanes at once; 0 = one per core (at
+  # most the lanes, and dividing them), 1 = a single device.
+  config.train.cpu_devices = 0
   # Persistent XLA compilation cache; '' = $JAX_COMPILATION_CACHE_DIR if set,
   # else <cache_dir>/jax_cache; 'none' = off.
   config.train.compilation_cache_dir = ''
