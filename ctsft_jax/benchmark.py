@@ -70,7 +70,7 @@ def default_settings() -> ml_collections.ConfigDict:
   s.scaling_rank = 0  # K of the seeds table; 0 = the K with the most steps
   s.scaling_seeds = (1, 2, 4, 8, 16)  # lane counts of the seeds table
   s.scaling_steps = 10  # timed steps per point of the scaling tables
-  s.matmul_sizes = (512, 1024, 2048, 4096)  # n of the n x n x n matmuls
+  s.matmul_sizes = (512, 1024, 2048)  # n of the n x n x n matmuls
   s.matmul_min_s = 0.5  # seconds of repeated matmuls timed per size
   s.matmul_max_call_s = 2.0  # skip a size predicted to take longer per call
   return s
@@ -405,11 +405,17 @@ def machine_limit(settings) -> dict:
   return out
 
 
-def _with_lanes(ctx: sweep.Context, n: int) -> sweep.Context:
-  """`ctx` with n lanes, split over as many devices as divide n evenly."""
+def _device_count(ctx: sweep.Context) -> int:
+  return 1 if ctx.place.lanes is None else ctx.place.lanes.mesh.size
+
+
+def _with_lanes(
+    ctx: sweep.Context, n: int, count: int | None = None
+) -> sweep.Context:
+  """`ctx` with n lanes over `count` devices (default: as many as divide n)."""
   seed, lr = ctx.lanes[0]
   devices = jax.devices()
-  count = environment.cpu_device_count(0, n, len(devices))
+  count = count or environment.cpu_device_count(0, n, len(devices))
   place = train_lib.placement(n, devices[:count])
   if count == 1:
     move = lambda tree: jax.device_put(tree, devices[0])
@@ -426,16 +432,24 @@ def _with_lanes(ctx: sweep.Context, n: int) -> sweep.Context:
 
 
 def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
-  """Engine seconds per step against lane count (one K) and against K."""
+  """Engine seconds per step against lane count (one K) and against K.
+
+  With several devices the study's own lanes are also timed on one device,
+  which shows what splitting the lanes over devices is worth.
+  """
   steps = settings.scaling_steps
   by_rank = sweep.calibrate(ctx, programs, steps)  # s per lane-step
   rank = settings.scaling_rank or max(
       ctx.plan.runs, key=lambda k: sum(r.total_steps for r in ctx.plan.runs[k])
   )
+  points = [(n, None) for n in settings.scaling_seeds]
+  if _device_count(ctx) > 1:
+    points.append((len(ctx.lanes), 1))
   seeds_rows = []
-  for n in settings.scaling_seeds:
-    sub = _with_lanes(ctx, n)
-    if n == len(ctx.lanes) and rank in programs:
+  for n, count in points:
+    sub = _with_lanes(ctx, n, count)
+    same = n == len(ctx.lanes) and _device_count(sub) == _device_count(ctx)
+    if same and rank in programs:
       prog = programs[rank]
     else:
       prog = sweep.compile_rank(sub, rank)
@@ -447,7 +461,7 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
 
 def _scaling_row(ctx, rank: int, per_lane_step: float, prog):
   lanes = len(ctx.lanes)
-  devices = 1 if ctx.place.lanes is None else ctx.place.lanes.mesh.size
+  devices = _device_count(ctx)
   return dict(
       K=rank,
       seeds=lanes,

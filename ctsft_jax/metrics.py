@@ -225,6 +225,20 @@ class MetricsWriter:
     self.close()
 
 
+class NullWriter:
+  """A MetricsWriter that writes nothing: for the processes of a multi-host
+  job other than process 0, which alone writes the workdir's files."""
+
+  def train(self, step: int, losses) -> None:
+    del step, losses
+
+  def eval(self, step: int, losses) -> None:
+    del step, losses
+
+  def close(self) -> None:
+    pass
+
+
 def read_metrics(workdir: str, run_id: str | None = None) -> list[dict]:
   """The metric lines of a workdir (or of one run), deduplicated and sorted.
 

@@ -330,14 +330,16 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
   meter = metrics_lib.Progress(
       f'K={run.rank}', run.total_steps, int(state.step)
   )
-  writer = metrics_lib.MetricsWriter(
-      ctx.workdir,
-      run_id=_run_id(run),
-      rank=run.rank,
-      lanes=ctx.lanes,
-      start_step=int(state.step),
-      tensorboard=ctx.config.train.tensorboard,
-  )
+  writer = metrics_lib.NullWriter()
+  if environment.is_writer():
+    writer = metrics_lib.MetricsWriter(
+        ctx.workdir,
+        run_id=_run_id(run),
+        rank=run.rank,
+        lanes=ctx.lanes,
+        start_step=int(state.step),
+        tensorboard=ctx.config.train.tensorboard,
+    )
   stops = _boundaries(
       run,
       int(state.step),
@@ -357,15 +359,16 @@ def train_run(ctx: Context, programs, run: budget_lib.Run) -> dict:
       step += n
       writer.train(step, losses)
       meter.update(step, losses[-1])
+      stopping = preemption.agreed()
       if step == stops[0]:
         stops.pop(0)
         if step in run.eval_steps:
           progress['eval'][str(step)] = _evaluate(ctx, programs, state)
           writer.eval(step, progress['eval'][str(step)])
         ckpts.save(step, state, progress)
-      elif preemption.requested():
+      elif stopping:
         ckpts.save(step, state, progress)
-      if preemption.requested():
+      if stopping:
         ckpts.wait()
         raise preemption.Preempted(
             f'stopped at step {step} of {_run_id(run)} on SIGTERM; checkpoint'

@@ -358,3 +358,23 @@ def test_lr_grid_picks_each_cells_rate_on_the_selection_half(
 def _read_text(workdir, name):
   with open(os.path.join(workdir, name)) as f:
     return f.read()
+
+
+def test_only_process_zero_writes_the_workdir_files(
+    tmp_path, make_config, monkeypatch
+):
+  """A multi-host job's other processes save checkpoints and nothing else."""
+  from ctsft_jax import environment  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(environment, 'is_writer', lambda: False)
+  workdir = str(tmp_path / 'work')
+  config = make_config(
+      train__cache_dir=str(tmp_path / 'cache'),
+      train__compilation_cache_dir='none',
+  )
+  sweep.run_sweep(config, workdir)
+  assert sorted(os.listdir(workdir)) == ['checkpoints']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
+      'K1_steps8',
+      'K2_steps4',
+  ]
