@@ -2,8 +2,8 @@ r"""The K-budget study of the reference paper (paper 82), rerun with many seeds.
 
 Every study of the paper (budget-matched curve, K=2 at 1-8x the budget, the
 K=32 vs K=2 crossover, and the curve matched on FLOPs and on seconds), 4
-seeds, base pretraining included. Measured 10 min 48 s on a 2-core CPU that
-was also running a benchmark (most of it K=2's 5,120-step run); add
+seeds, base pretraining included. Measured 3 min 43 s on a 2-core CPU (over
+half of it K=2's 5,120-step run); add
 `--config.studies.budget_multipliers.enabled=False
 --config.studies.crossover.enabled=False` for the budget-matched curve alone:
 
