@@ -102,7 +102,7 @@ def split_cpu_host(config) -> int | None:
   project's model sizes most of them are too small to use every core; with
   one device per core and the lanes split over them (see
   `train.placement`), the cores work on different lanes at once. On a 2-core
-  CPU this trains the default study's lanes about 1.6x faster per step than
+  CPU this trains the default study's lanes about 1.7x faster per step than
   one device (`experiments/benchmark.py` measures it).
 
   Acts only on JAX's CPU backend (`jax_num_cpu_devices`); GPU and TPU
