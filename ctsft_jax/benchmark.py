@@ -24,11 +24,13 @@ The engine also holds a lane whose loss goes non-finite and the loop does
 not, so a diverging lane would be reported as a disagreement.
 
 On a CPU host the sweep splits the host into one JAX device per core
-(`environment.split_cpu_host`) and the engine's lanes are spread over them;
-the straightforward loop runs each seed's step as one program, as a user's
-loop would, and that program's large matmuls still use every core. The
-scaling table shows the engine's seconds per seed-step against the number of
-lanes and devices.
+(`environment.split_cpu_host`) and the engine's lanes are spread over them.
+The straightforward loop runs on the first device alone (`on_one_device`),
+with its inputs there, as in a user's unsplit process: its step takes the
+same time there as in a process with one device, because XLA's CPU backend
+still runs that one program's large operations on every core. The scaling
+table shows the engine's seconds per seed-step against the number of lanes
+and devices.
 """
 
 import contextlib
@@ -139,15 +141,6 @@ def peak_memory() -> dict:
   if 'peak_bytes_in_use' in stats:
     out['device_peak_bytes'] = int(stats['peak_bytes_in_use'])
   return out
-
-
-def xla_flops(compiled) -> float | None:
-  """FLOPs of a compiled program by XLA's cost analysis (a scan body once)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = (cost or {}).get('flops')
-  return float(flops) if flops is not None and flops >= 0 else None
 
 
 def compile_engine(ctx: sweep.Context) -> dict:
@@ -261,7 +254,9 @@ def compile_loop(ctx: sweep.Context, rank: int) -> LoopPrograms:
   logging.info(
       'loop K=%d: compiled init, step and eval in %.1fs', rank, seconds
   )
-  return LoopPrograms(init_c, step_c, eval_c, seconds, xla_flops(step_c))
+  return LoopPrograms(
+      init_c, step_c, eval_c, seconds, train_lib.xla_flops(step_c)
+  )
 
 
 def warm_up_loop(ctx: sweep.Context, progs: LoopPrograms, lane) -> None:
@@ -336,7 +331,9 @@ def matmul_throughput(
   as one matmul per device at once (a batch split over all of them); the
   peak is the best of all rows, so utilisation is never flattered by
   measuring only one way. Each shape is compiled and run once untimed, then
-  called back to back for at least `min_seconds`. A size whose predicted
+  called back to back in three windows of `min_seconds / 3`; a row's rate is
+  its fastest window (other jobs on the machine can only slow a window), and
+  the mean over all its calls is kept beside it. A size whose predicted
   time per call (cubic in n from the previous size) exceeds
   `max_call_seconds` is skipped, and so are the larger ones.
   """
@@ -366,25 +363,43 @@ def _matmul_rows(dtype, sizes, devices, min_seconds, max_call_seconds):
     b = jax.random.normal(b_key, (count, n, n), dtype) / np.sqrt(n)
     a, b = jax.device_put((a, b), split)
     matmul(a, b).block_until_ready()
-    calls, start = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < min_seconds:
-      matmul(a, b).block_until_ready()  # no queue of calls builds up
-      calls += 1
-    per_call = (time.perf_counter() - start) / calls
+    windows = [
+        _time_calls(matmul, a, b, min_seconds=min_seconds / 3) for _ in range(3)
+    ]
+    per_call = min(seconds / calls for calls, seconds in windows)
+    calls = sum(c for c, _ in windows)
+    mean = sum(t for _, t in windows) / calls
     previous = (n, per_call)
+    rate = lambda t: 2 * n**3 * count / t / 1e9
     rows.append(
         dict(
             n=n,
             devices=count,
             calls=calls,
-            gflop_per_s=2 * n**3 * count / per_call / 1e9,
+            gflop_per_s=rate(per_call),
+            gflop_per_s_mean=rate(mean),
         )
     )
   return rows
 
 
-def machine_limit(settings) -> dict:
-  """f32 and bf16 matmul peaks; on CPU bf16 is marked as reference only."""
+def _time_calls(fn, *args, min_seconds: float) -> tuple[int, float]:
+  """Calls fn(*args) back to back (at least twice) for min_seconds."""
+  calls, start = 0, time.perf_counter()
+  while calls < 2 or time.perf_counter() - start < min_seconds:
+    fn(*args).block_until_ready()  # no queue of calls builds up
+    calls += 1
+  return calls, time.perf_counter() - start
+
+
+def machine_limit(settings, when: str, earlier: dict | None = None) -> dict:
+  """f32 and bf16 matmul peaks; on CPU bf16 is marked as reference only.
+
+  Rows are tagged `when` ('before' or 'after' the training passes). With
+  `earlier` (the result of a first call) the rows of both calls are kept and
+  each peak is the best of the two, so a busy moment on a shared machine
+  does not lower the peak that utilisation is measured against.
+  """
   out = {}
   for name, dtype in (('f32', jnp.float32), ('bf16', jnp.bfloat16)):
     out[name] = matmul_throughput(
@@ -393,9 +408,20 @@ def machine_limit(settings) -> dict:
         min_seconds=settings.matmul_min_s,
         max_call_seconds=settings.matmul_max_call_s,
     )
+    for row in out[name]['sizes']:
+      row['when'] = when
     logging.info(
-        'matmul %s peak: %s GFLOP/s', name, out[name]['peak_gflop_per_s']
+        'matmul %s peak %s: %s GFLOP/s',
+        name,
+        when,
+        out[name]['peak_gflop_per_s'],
     )
+    if earlier is not None:
+      before = earlier[name]
+      out[name]['sizes'] = before['sizes'] + out[name]['sizes']
+      peaks = [before['peak_gflop_per_s'], out[name]['peak_gflop_per_s']]
+      peaks = [p for p in peaks if p is not None]
+      out[name]['peak_gflop_per_s'] = max(peaks) if peaks else None
   if jax.default_backend() == 'cpu':
     out['bf16']['note'] = (
         'CPU backend: bfloat16 is reported for reference only; the model'
@@ -405,8 +431,23 @@ def machine_limit(settings) -> dict:
   return out
 
 
-def _device_count(ctx: sweep.Context) -> int:
-  return 1 if ctx.place.lanes is None else ctx.place.lanes.mesh.size
+def on_one_device(ctx: sweep.Context) -> sweep.Context:
+  """`ctx` with its data and base on the first device alone, lanes kept.
+
+  The straightforward loop runs here. Left on a split CPU host's mesh, its
+  inputs would be replicated and every step computed once per device; on
+  one device of the split host a step takes the same time as in an unsplit
+  process, whose default single device is what a user's loop would get.
+  """
+  device = jax.devices()[0]
+  move = lambda tree: jax.device_put(tree, device)
+  return dataclasses.replace(
+      ctx,
+      place=train_lib.placement(len(ctx.lanes), [device]),
+      train=move(ctx.train),
+      base=move(ctx.base),
+      eval_sets={k: move(v) for k, v in ctx.eval_sets.items()},
+  )
 
 
 def _with_lanes(
@@ -414,16 +455,16 @@ def _with_lanes(
 ) -> sweep.Context:
   """`ctx` with n lanes over `count` devices (default: as many as divide n)."""
   seed, lr = ctx.lanes[0]
+  lanes = tuple((seed + i, lr) for i in range(n))
   devices = jax.devices()
   count = count or environment.cpu_device_count(0, n, len(devices))
-  place = train_lib.placement(n, devices[:count])
   if count == 1:
-    move = lambda tree: jax.device_put(tree, devices[0])
-  else:
-    move = lambda tree: place.put(tree, lanes=False)
+    return on_one_device(dataclasses.replace(ctx, lanes=lanes))
+  place = train_lib.placement(n, devices[:count])
+  move = lambda tree: place.put(tree, lanes=False)
   return dataclasses.replace(
       ctx,
-      lanes=tuple((seed + i, lr) for i in range(n)),
+      lanes=lanes,
       place=place,
       train=move(ctx.train),
       base=move(ctx.base),
@@ -443,12 +484,14 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
       ctx.plan.runs, key=lambda k: sum(r.total_steps for r in ctx.plan.runs[k])
   )
   points = [(n, None) for n in settings.scaling_seeds]
-  if _device_count(ctx) > 1:
+  if ctx.place.device_count > 1:
     points.append((len(ctx.lanes), 1))
   seeds_rows = []
   for n, count in points:
     sub = _with_lanes(ctx, n, count)
-    same = n == len(ctx.lanes) and _device_count(sub) == _device_count(ctx)
+    same = (
+        n == len(ctx.lanes) and sub.place.device_count == ctx.place.device_count
+    )
     if same and rank in programs:
       prog = programs[rank]
     else:
@@ -461,7 +504,7 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
 
 def _scaling_row(ctx, rank: int, per_lane_step: float, prog):
   lanes = len(ctx.lanes)
-  devices = _device_count(ctx)
+  devices = ctx.place.device_count
   return dict(
       K=rank,
       seeds=lanes,
@@ -564,10 +607,11 @@ def summarize(ctx: sweep.Context, measured: dict, settings) -> dict:
   peak = machine['f32']['peak_gflop_per_s']
   flops = {}
   for k, prog in programs.items():
-    xla = xla_flops(prog.train_chunk)
     flops[str(k)] = dict(
         analytic=ctx.flops_per_step[k],
-        xla_engine=xla / len(ctx.lanes) if xla is not None else None,
+        xla_engine=train_lib.xla_flops_per_lane_step(
+            prog.train_chunk, len(ctx.lanes), ctx.place
+        ),
         xla_straightforward=(
             loop['per_K'][str(k)]['xla_flops_per_step'] if loop else None
         ),
@@ -835,14 +879,17 @@ def _md_machine(r: dict) -> list[str]:
   for dtype in ('f32', 'bf16'):
     for s in r['machine'][dtype]['sizes']:
       rate = _fmt(s.get('gflop_per_s'), '.1f') if 'calls' in s else s['skipped']
-      rows.append([dtype, s['n'], s['devices'], rate])
+      mean = _fmt(s.get('gflop_per_s_mean'), '.1f') if 'calls' in s else ''
+      rows.append([dtype, s.get('when', ''), s['n'], s['devices'], rate, mean])
   lines = [
       '## Machine limit (n x n x n matmul)',
       '',
       'One matmul per device, on one device alone and on all devices at'
-      ' once; the peak is the best row.',
+      ' once, measured before and after the training passes. GFLOP/s is the'
+      ' fastest of three timing windows, mean over all calls beside it; the'
+      ' peak is the best row.',
       '',
-  ] + _table(['dtype', 'n', 'devices', 'GFLOP/s'], rows)
+  ] + _table(['dtype', 'when', 'n', 'devices', 'GFLOP/s', 'mean'], rows)
   lines.append('')
   lines.append(
       f"Peak f32: {_fmt(r['peak_f32_gflop_per_s'], '.1f')} GFLOP/s; peak bf16:"
@@ -993,21 +1040,23 @@ def measure(ctx: sweep.Context, settings) -> dict:
   all three alike rather than on whichever runs last.
   """
   memory = dict(setup=peak_memory())
+  machine = machine_limit(settings, 'before')
   programs = compile_engine(ctx)
   prog = next(iter(programs.values()))
   untuned = prog.init(*sweep.init_args(ctx, 1))  # B = 0: the base model
   base_loss = prog.evaluate(untuned.params, ctx.base, ctx.eval_sets['report'])
   per_cell = unshared_runs(ctx.plan)
+  loop_ctx = on_one_device(ctx)
   engine, unshared, loop = [], [], []
   for rank, runs in ctx.plan.runs.items():
     engine.append(engine_pass(ctx, programs, {rank: runs}))
     unshared.append(engine_pass(ctx, programs, {rank: per_cell[rank]}))
     if settings.straightforward:
-      loop.append(loop_pass(ctx, {rank: per_cell[rank]}))
+      loop.append(loop_pass(loop_ctx, {rank: per_cell[rank]}))
   memory['training'] = peak_memory()
   scale = scaling(ctx, programs, settings)
   memory['scaling'] = peak_memory()
-  machine = machine_limit(settings)
+  machine = machine_limit(settings, 'after', machine)
   memory['end'] = peak_memory()
   return dict(
       programs=programs,

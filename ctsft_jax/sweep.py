@@ -412,9 +412,11 @@ def compile_all(ctx: Context, manifest: dict) -> dict:
     ):
       programs[rank] = compile_rank(ctx, rank)
       manifest['compile_seconds'][str(rank)] = programs[rank].compile_seconds
-      manifest['xla_flops_per_step'][str(rank)] = float(
-          programs[rank].train_chunk.cost_analysis()['flops']
-      ) / len(ctx.lanes)
+      manifest['xla_flops_per_step'][str(rank)] = (
+          train_lib.xla_flops_per_lane_step(
+              programs[rank].train_chunk, len(ctx.lanes), ctx.place
+          )
+      )
   if need_calibration:
     steps = ctx.config.studies.wallclock_matched.calibration_steps
     calibrated = calibrate(ctx, programs, steps)

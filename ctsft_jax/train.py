@@ -315,6 +315,11 @@ class Placement(NamedTuple):
         tree,
     )
 
+  @property
+  def device_count(self) -> int:
+    """How many devices the lanes are split over."""
+    return 1 if self.lanes is None else self.lanes.mesh.size
+
   def put(self, tree, *, lanes: bool):
     """Moves a tree onto the mesh, split over lanes or replicated."""
     if self.lanes is None:
@@ -337,6 +342,28 @@ def placement(n_lanes: int, devices=None) -> Placement:
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('lanes')),
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of a compiled program by XLA's cost analysis, or None."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+def xla_flops_per_lane_step(
+    compiled, n_lanes: int, place: Placement
+) -> float | None:
+  """XLA's FLOPs of one lane's train step, from a lane program's chunk.
+
+  XLA counts the chunk's scan body once. With the lanes split over devices
+  the analysis describes one device's partition, which holds
+  n_lanes / device_count lanes.
+  """
+  flops = xla_flops(compiled)
+  return None if flops is None else flops * place.device_count / n_lanes
 
 
 def _program_shardings(place: Placement, state, *, shared_data: bool):

@@ -117,6 +117,10 @@ def test_json_holds_the_required_keys_with_sane_values(tiny_run):
       s['gflop_per_s'] for s in result['machine']['f32']['sizes']
   )
   assert result['peak_f32_gflop_per_s'] == peak
+  timed = [s for s in result['machine']['f32']['sizes'] if 'calls' in s]
+  assert {s['when'] for s in timed} == {'before', 'after'}
+  # A row's rate is its fastest timing window: never below the mean.
+  assert all(s['gflop_per_s'] >= s['gflop_per_s_mean'] for s in timed)
   assert [r['seeds'] for r in result['scaling']['seeds']] == [2]
   assert [r['K'] for r in result['scaling']['ranks']] == [1, 2]
 
@@ -224,3 +228,54 @@ def test_binary_smoke_run_writes_both_files(tmp_path):
     result = json.load(f)
   assert result['agreement']['within_rtol']
   assert (workdir / 'benchmark.md').read_text().startswith('# Benchmark')
+
+
+ONE_DEVICE_SCRIPT = """
+import json, sys
+import jax
+sys.path.insert(0, 'tests')
+from conftest import tiny_config
+from ctsft_jax import benchmark, sweep
+
+config = tiny_config(train__compilation_cache_dir='none')
+config.unlock()
+config.train.cache_dir = sys.argv[1]
+ctx = sweep.prepare(config, sys.argv[1] + '/work')
+
+def devices_of(ctx):
+  progs = benchmark.compile_loop(ctx, 1)
+  params, _ = progs.init(jax.random.key(0))
+  return len(jax.tree.leaves(params)[0].sharding.device_set), len(
+      progs.step.output_shardings[0]['head']['a'].device_set)
+
+print('RESULT' + json.dumps(dict(
+    devices=jax.device_count(),
+    sweep=devices_of(ctx),
+    loop=devices_of(benchmark.on_one_device(ctx)),
+    lanes=list(benchmark.on_one_device(ctx).lanes) == list(ctx.lanes))))
+"""
+
+
+def test_the_loop_runs_on_one_device_of_a_split_host(tmp_path):
+  """On a host split into devices, the sweep's replicated inputs would make
+  the loop compute every step once per device; on_one_device stops that."""
+  proc = subprocess.run(
+      [sys.executable, '-c', ONE_DEVICE_SCRIPT, str(tmp_path)],
+      cwd=ROOT,
+      env=dict(
+          os.environ,
+          JAX_PLATFORMS='cpu',
+          XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      ),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
+  out = json.loads(line[len('RESULT') :])
+  assert out['devices'] == 2
+  assert out['sweep'] == [1, 2]  # the sweep's context: step replicated on 2
+  assert out['loop'] == [1, 1]  # the loop's own context: one device
+  assert out['lanes']

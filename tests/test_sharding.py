@@ -59,7 +59,9 @@ SCRIPT = textwrap.dedent("""
           losses=losses.tolist(), evals=np.asarray(evals).tolist(),
           param_devices=len(leaf.sharding.device_set),
           shard_rows=[s.data.shape[0] for s in leaf.addressable_shards],
-          eval_devices=len(evals.sharding.device_set))
+          eval_devices=len(evals.sharding.device_set),
+          xla_flops=train.xla_flops_per_lane_step(
+              programs.train_chunk, len(seeds), place))
 
     out = dict(n_devices=jax.device_count(), split=run(jax.devices()),
                single=run(jax.devices()[:1]))
@@ -92,6 +94,9 @@ def test_lanes_split_over_four_devices_match_one_device():
   np.testing.assert_allclose(split['losses'], single['losses'], rtol=1e-5)
   np.testing.assert_allclose(split['evals'], single['evals'], rtol=1e-5)
   assert len(set(single['evals'])) == 4  # the lanes really differ
+  # Cost analysis of a split program counts one device's lanes; per lane
+  # it is the single-device count.
+  assert split['xla_flops'] == pytest.approx(single['xla_flops'], rel=0.02)
   assert '6 lanes' in out['uneven_error'] and '4 devices' in out['uneven_error']
 
 
