@@ -502,6 +502,18 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
   return dict(rank=rank, steps=steps, seeds=seeds_rows, ranks=rank_rows)
 
 
+def step_flops(ctx: sweep.Context, rank: int, prog) -> float:
+  """FLOPs of one seed's train step: XLA's count of `prog`, else analytic.
+
+  Every way's FLOP/s and the utilisation use this one count per K, so the
+  ways are compared on the same work.
+  """
+  xla = train_lib.xla_flops_per_lane_step(
+      prog.train_chunk, len(ctx.lanes), ctx.place
+  )
+  return ctx.flops_per_step[rank] if xla is None else xla
+
+
 def _scaling_row(ctx, rank: int, per_lane_step: float, prog):
   lanes = len(ctx.lanes)
   devices = ctx.place.device_count
@@ -512,12 +524,14 @@ def _scaling_row(ctx, rank: int, per_lane_step: float, prog):
       s_per_step=per_lane_step * lanes,
       s_per_seed_step=per_lane_step,
       seed_steps_per_s=1.0 / per_lane_step,
-      model_gflop_per_s=ctx.flops_per_step[rank] / per_lane_step / 1e9,
+      model_gflop_per_s=step_flops(ctx, rank, prog) / per_lane_step / 1e9,
       compile_s=prog.compile_seconds,
   )
 
 
-def _way(ctx: sweep.Context, per_rank: dict, compile_s: dict) -> dict:
+def _way(
+    ctx: sweep.Context, per_rank: dict, compile_s: dict, flops_per_step: dict
+) -> dict:
   """Totals of one way: seconds, seed-steps, tokens and model FLOPs."""
   lanes = len(ctx.lanes)
   train_s = sum(r['train_s'] for r in per_rank.values())
@@ -525,7 +539,7 @@ def _way(ctx: sweep.Context, per_rank: dict, compile_s: dict) -> dict:
   compile_total = sum(compile_s.values())
   seed_steps = lanes * sum(r['steps'] for r in per_rank.values())
   flops = lanes * sum(
-      ctx.flops_per_step[k] * r['steps'] for k, r in per_rank.items()
+      flops_per_step[k] * r['steps'] for k, r in per_rank.items()
   )
   tokens = seed_steps * ctx.config.data.batch_size * ctx.config.data.seq_len
   return dict(
@@ -598,12 +612,14 @@ def summarize(ctx: sweep.Context, measured: dict, settings) -> dict:
   """The headline numbers: the three ways, ratios, FLOPs, compile, losses."""
   programs, machine = measured['programs'], measured['machine']
   compile_s = {k: p.compile_seconds for k, p in programs.items()}
-  engine = _way(ctx, measured['engine']['per_rank'], compile_s)
-  unshared = _way(ctx, measured['unshared']['per_rank'], compile_s)
+  work = {k: step_flops(ctx, k, p) for k, p in programs.items()}
+  engine = _way(ctx, measured['engine']['per_rank'], compile_s, work)
+  unshared = _way(ctx, measured['unshared']['per_rank'], compile_s, work)
   loop = None
   if measured['loop'] is not None:
     per_rank = measured['loop']['per_rank']
-    loop = _way(ctx, per_rank, {k: r['compile_s'] for k, r in per_rank.items()})
+    loop_compile = {k: r['compile_s'] for k, r in per_rank.items()}
+    loop = _way(ctx, per_rank, loop_compile, work)
   peak = machine['f32']['peak_gflop_per_s']
   flops = {}
   for k, prog in programs.items():
@@ -791,8 +807,14 @@ def _md_ways(r: dict) -> list[str]:
   return (
       ['## Wall-clock', '']
       + _table(header, rows)
-      + ['', 'Train seconds include the lanes\' init; FLOP/s and tokens/s are'
-         ' over train seconds only.', '']
+      + [
+          '',
+          "Train seconds include the lanes' init; FLOP/s and tokens/s are"
+          " over train seconds only. Model FLOPs are XLA's cost analysis of"
+          " the engine's compiled step per seed (Per K below), the same"
+          ' count for every way.',
+          '',
+      ]
       + _table(
           ['ratio', 'value', 'what'],
           [[n, _fmt(v, '.2f'), w] for n, v, w in ratios],

@@ -125,6 +125,24 @@ def test_json_holds_the_required_keys_with_sane_values(tiny_run):
   assert [r['K'] for r in result['scaling']['ranks']] == [1, 2]
 
 
+def test_utilisation_is_xla_flops_over_train_seconds_and_peak(tiny_run):
+  """Recomputed from the per-K rows: XLA FLOPs x seed-steps / s / peak."""
+  _, result = tiny_run
+  engine, per_k = result['engine'], result['flops_per_seed_step']
+  flops = len(result['seeds']) * sum(
+      per_k[k]['xla_engine'] * r['steps'] for k, r in engine['per_K'].items()
+  )
+  peak = result['machine']['f32']['peak_gflop_per_s'] * 1e9
+  assert result['utilisation'] == pytest.approx(
+      flops / engine['train_s'] / peak, rel=1e-9
+  )
+  # One count of the work for every way: the engine's, per seed-step.
+  for k, row in per_k.items():
+    assert row['xla_engine'] == pytest.approx(
+        row['xla_straightforward'], rel=0.05
+    ), k
+
+
 def test_markdown_shows_every_target_with_a_verdict(tiny_run):
   workdir, result = tiny_run
   with open(os.path.join(workdir, 'benchmark.md')) as f:
