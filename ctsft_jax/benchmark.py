@@ -68,6 +68,10 @@ def default_settings() -> ml_collections.ConfigDict:
   """The `benchmark` section of a config; used when a config has none."""
   s = ml_collections.ConfigDict()
   s.straightforward = True  # also time the per-step jit loop (the baseline)
+  # The loop's model.factor_grad: '' = the engine's (the loop differs only
+  # in how it runs the steps); 'autodiff' = JAX differentiates the factor
+  # product, as a first implementation of the layer would.
+  s.loop_factor_grad = ''
   s.rtol = 1e-4  # relative tolerance of engine vs loop eval losses
   s.scaling_rank = 0  # K of the seeds table; 0 = the K with the most steps
   s.scaling_seeds = (1, 2, 4, 8, 16)  # lane counts of the seeds table
@@ -218,9 +222,17 @@ class LoopPrograms:
   xla_flops_per_step: float | None
 
 
-def compile_loop(ctx: sweep.Context, rank: int) -> LoopPrograms:
-  """A per-step jit train step, init and eval of one seed, compiled for K."""
+def compile_loop(
+    ctx: sweep.Context, rank: int, factor_grad: str = ''
+) -> LoopPrograms:
+  """A per-step jit train step, init and eval of one seed, compiled for K.
+
+  `factor_grad`, when set, replaces the config's model.factor_grad.
+  """
   cfg = ctx.config
+  if factor_grad:
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.model.factor_grad = factor_grad
   task = train_lib.lowrank_task(cfg, rank)
   optimizer = optim.make_optimizer(cfg.optim)
   schedule = train_lib.schedule_fn(cfg.optim)
@@ -271,7 +283,7 @@ def warm_up_loop(ctx: sweep.Context, progs: LoopPrograms, lane) -> None:
   )
 
 
-def loop_pass(ctx: sweep.Context, runs: dict) -> dict:
+def loop_pass(ctx: sweep.Context, runs: dict, factor_grad: str = '') -> dict:
   """Trains every cell of `runs` seed after seed with a per-step jit loop.
 
   Returns per-K compile, train and eval seconds, XLA FLOPs of a step, and
@@ -286,7 +298,7 @@ def loop_pass(ctx: sweep.Context, runs: dict) -> dict:
   report = ctx.eval_sets['report']
   per_rank, losses = {}, {}
   for rank, rank_runs in runs.items():
-    progs = compile_loop(ctx, rank)
+    progs = compile_loop(ctx, rank, factor_grad)
     warm_up_loop(ctx, progs, lanes[0])
     train_s = eval_s = 0.0
     for run in rank_runs:
@@ -749,10 +761,28 @@ def _md_setup(r: dict) -> list[str]:
       ' without sharing and the straightforward way). The three take turns'
       ' K by K; the engine compiles every K first, as the sweep does, and'
       ' the loop compiles each K at its turn. No checkpoints are written.',
+      '',
+      _loop_model_text(r),
   ]
   if r.get('left_out'):
     lines += ['', f"Left out: {r['left_out']}."]
   return lines
+
+
+def _loop_model_text(r: dict) -> str:
+  engine = r['config']['model'].get('factor_grad', 'custom')
+  loop = r['settings'].get('loop_factor_grad') or engine
+  if loop == engine:
+    return (
+        'The loop runs the same model code as the engine'
+        f' (model.factor_grad={engine}); it differs only in how the steps'
+        ' are run.'
+    )
+  return (
+      f'The loop differentiates the factors with model.factor_grad={loop}'
+      f' (the engine: {engine}), as a first implementation of the layer'
+      ' would; the losses are compared at the same tolerance.'
+  )
 
 
 def _md_ways(r: dict) -> list[str]:
@@ -1040,6 +1070,12 @@ def check_settings(settings) -> None:
           'must be positive sizes',
       ),
       ('matmul_min_s', settings.matmul_min_s > 0, 'must be > 0'),
+      (
+          'loop_factor_grad',
+          settings.loop_factor_grad in ('',) + validate.FACTOR_GRAD,
+          "must be '' (the engine's) or one of "
+          + ', '.join(validate.FACTOR_GRAD),
+      ),
   )
   for name, ok, what in checks:
     if not ok:
@@ -1074,7 +1110,9 @@ def measure(ctx: sweep.Context, settings) -> dict:
     engine.append(engine_pass(ctx, programs, {rank: runs}))
     unshared.append(engine_pass(ctx, programs, {rank: per_cell[rank]}))
     if settings.straightforward:
-      loop.append(loop_pass(loop_ctx, {rank: per_cell[rank]}))
+      loop.append(
+          loop_pass(loop_ctx, {rank: per_cell[rank]}, settings.loop_factor_grad)
+      )
   memory['training'] = peak_memory()
   scale = scaling(ctx, programs, settings)
   memory['scaling'] = peak_memory()

@@ -14,6 +14,7 @@ SCALING_RULES = ('standard', 'rslora', 'none')
 BASE_KINDS = ('pretrained', 'random')
 DATA_SOURCES = ('stdlib', 'jsonl', 'synthetic')
 ATTENTION = ('einsum', 'dot_product_attention')
+FACTOR_GRAD = ('custom', 'autodiff')
 
 
 def _require(ok: bool, message: str) -> None:
@@ -53,6 +54,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   check_data_source(config)
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.attention', m.attention, ATTENTION)
+  _one_of('model.factor_grad', m.get('factor_grad', 'custom'), FACTOR_GRAD)
   _one_of('lowrank.scaling', config.lowrank.scaling, SCALING_RULES)
   _one_of('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _one_of('base.kind', config.base.kind, BASE_KINDS)

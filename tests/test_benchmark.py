@@ -193,9 +193,37 @@ def test_matmul_throughput_skips_sizes_predicted_too_slow():
   assert out['peak_gflop_per_s'] == first['gflop_per_s']
 
 
+def test_loop_with_autodiff_factor_grads_gives_the_same_losses(
+    make_config, tmp_path
+):
+  """The loop can use a first implementation's gradients; same training."""
+  config = _tiny_benchmark_config(make_config)
+  ctx = sweep.prepare(config, str(tmp_path))
+  runs = {2: benchmark.unshared_runs(ctx.plan)[2]}
+  custom = benchmark.loop_pass(ctx, runs)['losses']
+  autodiff = benchmark.loop_pass(ctx, runs, 'autodiff')['losses']
+  assert custom.keys() == autodiff.keys() == {'2:2', '2:4'}
+  for key in custom:
+    np.testing.assert_allclose(custom[key], autodiff[key], rtol=RTOL)
+  assert not np.allclose(custom['2:2'], custom['2:4'], rtol=RTOL)
+
+
+def test_markdown_names_the_loops_model_code(tiny_run):
+  _, result = tiny_run
+  assert 'same model code as the engine' in benchmark.markdown(result)
+  other = dict(result, settings=dict(result['settings']))
+  other['settings']['loop_factor_grad'] = 'autodiff'
+  assert 'model.factor_grad=autodiff' in benchmark.markdown(other)
+
+
 @pytest.mark.parametrize(
     'key,value',
-    [('rtol', 0.0), ('scaling_seeds', (0, 2)), ('matmul_sizes', ())],
+    [
+        ('rtol', 0.0),
+        ('scaling_seeds', (0, 2)),
+        ('matmul_sizes', ()),
+        ('loop_factor_grad', 'fused'),
+    ],
 )
 def test_bad_settings_name_the_key(key, value):
   settings = benchmark.default_settings()

@@ -254,3 +254,38 @@ def test_einsum_attention_equals_jax_dot_product_attention(make_config):
   config.model.attention = 'flash'
   with pytest.raises(ValueError, match='model.attention'):
     model_lib.build(config.model).init(jax.random.key(0), tokens)
+
+
+def test_factor_grad_autodiff_gives_the_custom_passes_loss_and_grads(
+    make_config, setup
+):
+  """model.factor_grad only changes how the factor gradients are computed."""
+  config = make_config()
+  tokens = _tokens(config)
+  base, factors, _ = setup(config, rank=4)
+  factors = _random_b(factors)
+  out = {}
+  for impl in ('custom', 'autodiff'):
+    config.model.factor_grad = impl
+    module = model_lib.build(
+        config.model, 4, alpha=16.0, targets=tuple(config.lowrank.targets)
+    )
+
+    def loss(f):
+      variables = {'params': base, model_lib.LOWRANK: f}
+      return jnp.mean(jnp.sin(module.apply(variables, tokens)))
+
+    out[impl] = jax.value_and_grad(loss)(factors)
+  (loss_c, grad_c), (loss_a, grad_a) = out['custom'], out['autodiff']
+  np.testing.assert_allclose(loss_c, loss_a, rtol=1e-6)
+  flat_c = flax.traverse_util.flatten_dict(grad_c, sep='/')
+  flat_a = flax.traverse_util.flatten_dict(grad_a, sep='/')
+  assert flat_c.keys() == flat_a.keys()
+  for path in flat_c:
+    assert np.abs(flat_a[path]).max() > 0, path  # every factor gets a grad
+    np.testing.assert_allclose(
+        flat_c[path], flat_a[path], rtol=1e-4, atol=1e-6, err_msg=path
+    )
+  config.model.factor_grad = 'fused'
+  with pytest.raises(ValueError, match='model.factor_grad'):
+    model_lib.build(config.model, 4).init(jax.random.key(0), tokens)

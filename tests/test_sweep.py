@@ -281,6 +281,7 @@ def test_bad_value_exits_2_with_one_line(tmp_path, cache_dir):
         (dict(studies__budget_matched__ranks=(1, 99)), 'K=99'),
         (dict(lowrank__scaling='bogus'), 'bogus'),
         (dict(model__attention='flash'), 'model.attention'),
+        (dict(model__factor_grad='fused'), 'model.factor_grad'),
         (dict(train__cpu_devices=-1), 'train.cpu_devices'),
         (dict(budget__param_steps=300), 'K=2'),
     ],
