@@ -1,6 +1,6 @@
 r"""The benchmark of the sweep engine: the whole paper 82 study.
 
-Launch (19 - 21 minutes on a 2-core CPU, over half of it the straightforward
+Launch (about 17 minutes on a 2-core CPU, half of it the straightforward
 loop):
 
   python -m experiments.benchmark --workdir=runs/benchmark
