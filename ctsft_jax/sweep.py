@@ -487,6 +487,24 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+# Config keys added after workdirs were first written, with the value that
+# stands for what those workdirs' code did, so that they still resume.
+ADDED_KEYS = {('model', 'factor_grad'): 'custom'}
+
+
+def _with_added_keys(stored: dict) -> dict:
+  """A stored config with every missing ADDED_KEYS entry filled in."""
+  for path, value in ADDED_KEYS.items():
+    node = stored
+    for key in path[:-1]:
+      node = node.get(key)
+      if not isinstance(node, dict):
+        break
+    else:
+      node.setdefault(path[-1], value)
+  return stored
+
+
 def check_workdir(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
 ) -> None:
@@ -495,7 +513,8 @@ def check_workdir(
   path = os.path.join(workdir, 'config.json')
   new = json.loads(json.dumps(config.to_dict()))
   if os.path.exists(path) and not overwrite:
-    differ = validate.differing_keys(checkpoint.read_json(path), new)
+    old = _with_added_keys(checkpoint.read_json(path))
+    differ = validate.differing_keys(old, new)
     if differ:
       raise errors.UserError(
           f'--workdir={workdir} holds a sweep with a different config (keys'

@@ -311,6 +311,26 @@ def test_rejected_config_leaves_the_workdir_reusable(tmp_path, make_config):
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
 
 
+def test_workdir_written_before_a_key_was_added_still_matches(
+    tmp_path, make_config
+):
+  """A stored config without a later key matches when the key has the value
+  that stands for the old behaviour, and differs otherwise."""
+  workdir = str(tmp_path / 'work')
+  config = make_config()
+  stored = json.loads(json.dumps(config.to_dict()))
+  del stored['model']['factor_grad']
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(stored, f)
+  sweep.check_workdir(config, workdir, overwrite=False)  # custom: matches
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(stored, f)
+  config.model.factor_grad = 'autodiff'
+  with pytest.raises(errors.UserError, match='model.factor_grad'):
+    sweep.check_workdir(config, workdir, overwrite=False)
+
+
 @pytest.mark.slow
 def test_smoke_config_with_stdlib_data_and_pretrained_base(tmp_path):
   """The documented smoke command as is: stdlib data, base pretraining."""
