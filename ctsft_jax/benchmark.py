@@ -514,15 +514,20 @@ def scaling(ctx: sweep.Context, programs: dict, settings) -> dict:
   return dict(rank=rank, steps=steps, seeds=seeds_rows, ranks=rank_rows)
 
 
-def step_flops(ctx: sweep.Context, rank: int, prog) -> float:
-  """FLOPs of one seed's train step: XLA's count of `prog`, else analytic.
+def _xla_per_lane(ctx: sweep.Context, prog) -> float | None:
+  return train_lib.xla_flops_per_lane_step(
+      prog.train_chunk, len(ctx.lanes), ctx.place
+  )
+
+
+def _work_per_seed_step(
+    ctx: sweep.Context, rank: int, xla: float | None
+) -> float:
+  """FLOPs of one seed's train step: XLA's count `xla`, else analytic.
 
   Every way's FLOP/s and the utilisation use this one count per K, so the
   ways are compared on the same work.
   """
-  xla = train_lib.xla_flops_per_lane_step(
-      prog.train_chunk, len(ctx.lanes), ctx.place
-  )
   return ctx.flops_per_step[rank] if xla is None else xla
 
 
@@ -536,7 +541,11 @@ def _scaling_row(ctx, rank: int, per_lane_step: float, prog):
       s_per_step=per_lane_step * lanes,
       s_per_seed_step=per_lane_step,
       seed_steps_per_s=1.0 / per_lane_step,
-      model_gflop_per_s=step_flops(ctx, rank, prog) / per_lane_step / 1e9,
+      model_gflop_per_s=(
+          _work_per_seed_step(ctx, rank, _xla_per_lane(ctx, prog))
+          / per_lane_step
+          / 1e9
+      ),
       compile_s=prog.compile_seconds,
   )
 
@@ -624,7 +633,8 @@ def summarize(ctx: sweep.Context, measured: dict, settings) -> dict:
   """The headline numbers: the three ways, ratios, FLOPs, compile, losses."""
   programs, machine = measured['programs'], measured['machine']
   compile_s = {k: p.compile_seconds for k, p in programs.items()}
-  work = {k: step_flops(ctx, k, p) for k, p in programs.items()}
+  xla = {k: _xla_per_lane(ctx, p) for k, p in programs.items()}
+  work = {k: _work_per_seed_step(ctx, k, x) for k, x in xla.items()}
   engine = _way(ctx, measured['engine']['per_rank'], compile_s, work)
   unshared = _way(ctx, measured['unshared']['per_rank'], compile_s, work)
   loop = None
@@ -634,12 +644,10 @@ def summarize(ctx: sweep.Context, measured: dict, settings) -> dict:
     loop = _way(ctx, per_rank, loop_compile, work)
   peak = machine['f32']['peak_gflop_per_s']
   flops = {}
-  for k, prog in programs.items():
+  for k in programs:
     flops[str(k)] = dict(
         analytic=ctx.flops_per_step[k],
-        xla_engine=train_lib.xla_flops_per_lane_step(
-            prog.train_chunk, len(ctx.lanes), ctx.place
-        ),
+        xla_engine=xla[k],
         xla_straightforward=(
             loop['per_K'][str(k)]['xla_flops_per_step'] if loop else None
         ),
@@ -889,9 +897,10 @@ def _md_per_rank(r: dict) -> list[str]:
       + [
           '',
           'GFLOP are per seed-step. Analytic counts matmuls only'
-          " (flops.py). XLA counts the engine's scanned chunk body once"
-          ' and divides by the lanes; both XLA counts include the optimizer'
-          ' and elementwise work.',
+          " (flops.py). XLA counts the engine's scanned chunk body once,"
+          " per lane (with the lanes split over devices, one device's"
+          ' partition over its lanes); both XLA counts include the'
+          ' optimizer and elementwise work.',
       ]
   )
 
